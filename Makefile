@@ -1,0 +1,39 @@
+# Every target sets up what it needs: on a fresh clone `make index` and `make test` just work.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+ART    ?= artifacts
+# Local Beam runner: the default (Prism) runner downloads a binary, which an offline machine cannot.
+RUNNER ?= apache_beam.runners.portability.fn_api_runner.FnApiRunner
+
+.DEFAULT_GOAL := help
+.PHONY: help setup index train-baseline test lint clean
+
+help:  ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+
+setup: $(STAMP)  ## create .venv and install the pinned set (re-runs only when setup.py or constraints.txt change)
+
+$(STAMP): setup.py constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+index: $(STAMP)  ## generate the default catalog, train the baseline bundle if none is cached, index it, report recall
+	$(PY) -m pipelines.run_default --artifacts $(ART) --runner $(RUNNER)
+
+train-baseline: $(STAMP)  ## (re)train the baseline bundle on the synthetic training catalog
+	$(PY) -m retrieval_core.train.baseline --out $(ART)/bundles/baseline --data $(ART)/train_catalog
+
+test: $(STAMP)  ## run the test suite
+	$(PY) -m pytest -q tests
+
+RUFF := $(VENV)/bin/ruff --config 'line-length = 120' --config 'target-version = "py311"'
+
+lint: $(STAMP)  ## ruff check (pyflakes, pycodestyle, isort, bugbear, pyupgrade) + format check
+	$(RUFF) check --select E,F,W,I,B,UP .
+	$(RUFF) format --check .
+
+clean:  ## remove generated artifacts (keeps .venv)
+	rm -rf $(ART) .pytest_cache
