@@ -1,0 +1,1 @@
+"""Apache Beam pipelines: ``index_catalog`` and the named PTransforms it is built from."""

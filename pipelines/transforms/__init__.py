@@ -1,0 +1,1 @@
+"""Reusable composite PTransforms, one concern per module."""

@@ -1,0 +1,151 @@
+"""ReadCatalog: catalog file (CSV, JSONL or Parquet; local or remote) -> validated catalog rows.
+
+A catalog row becomes ``{"item_id", "image_uri", "catalog": {other columns as strings}, "row_number"}``.
+Rows without an item id or image URI, unparseable lines and repeated item ids
+go to the dead-letter output; the first occurrence of a repeated id is kept.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+
+import apache_beam as beam
+import pyarrow.parquet as pq
+from apache_beam.metrics import Metrics
+
+from pipelines.transforms.dead_letter import DEAD_LETTER_TAG, tagged_dead_letter
+from retrieval_core import io as rio
+from schemas import REQUIRED_CATALOG_COLUMNS
+
+FORMATS = ("csv", "jsonl", "parquet")
+
+
+class CatalogError(ValueError):
+    """The catalog as a whole cannot be read (missing file, unknown format, no required columns)."""
+
+
+def catalog_format(path: str) -> str:
+    """Format from the file extension: .csv, .jsonl/.json/.ndjson, .parquet/.pq."""
+    ext = path.lower().rsplit(".", 1)[-1]
+    fmt = {"csv": "csv", "jsonl": "jsonl", "ndjson": "jsonl", "json": "jsonl", "parquet": "parquet", "pq": "parquet"}
+    if ext not in fmt:
+        raise CatalogError(f"{path}: unknown catalog format .{ext}; use one of .csv, .jsonl, .parquet")
+    return fmt[ext]
+
+
+def iter_raw_rows(path: str) -> Iterator[tuple[int, dict | None, str | None]]:
+    """Yield ``(row_number, row, error)`` for each record; exactly one of row and error is None."""
+    fmt = catalog_format(path)
+    if not rio.exists(path):
+        raise CatalogError(f"catalog {path} does not exist")
+    if fmt == "parquet":
+        with rio.open_read(path) as f:
+            table = pq.read_table(f)
+        missing = [c for c in REQUIRED_CATALOG_COLUMNS if c not in table.column_names]
+        if missing:
+            raise CatalogError(f"{path}: missing required columns {missing}; found {table.column_names}")
+        for n, row in enumerate(table.to_pylist(), start=1):
+            yield n, row, None
+        return
+    data = rio.read_bytes(path)
+    if fmt == "jsonl":
+        for n, line in enumerate(data.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                yield n, None, f"invalid JSON: {e}"
+                continue
+            yield (n, row, None) if isinstance(row, dict) else (n, None, "a JSON line must be an object")
+        return
+    text = data.decode("utf-8-sig", errors="replace")  # bad bytes become U+FFFD, never a lost catalog
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    missing = [c for c in REQUIRED_CATALOG_COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+        raise CatalogError(f"{path}: missing required columns {missing}; header is {reader.fieldnames}")
+    for row in reader:
+        n = reader.line_num
+        if None in row:
+            yield n, None, f"{len(reader.fieldnames) + len(row[None])} fields, header has {len(reader.fieldnames)}"
+        elif any(v is None for v in row.values()):
+            yield n, None, f"fewer fields than the {len(reader.fieldnames)} of the header"
+        else:
+            yield n, row, None
+
+
+def normalise_row(row: dict, base_dir: str) -> tuple[dict | None, str | None]:
+    """Validate one raw row; return (catalog row, None) or (None, reason)."""
+    item_id, uri = row.get("item_id"), row.get("image_uri")
+    for name, value in (("item_id", item_id), ("image_uri", uri)):
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None, f"{name} is missing or empty"
+    extra = {str(k): str(v) for k, v in row.items() if k not in REQUIRED_CATALOG_COLUMNS and v is not None}
+    return {"item_id": str(item_id).strip(), "image_uri": rio.resolve(str(uri).strip(), base_dir),
+            "catalog": extra}, None
+
+
+class _ParseCatalogFn(beam.DoFn):
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self.rows = Metrics.counter("read_catalog", "rows")
+        self.bad = Metrics.counter("read_catalog", "bad_rows")
+
+    def process(self, path: str):
+        base_dir = rio.dirname(path)
+        for n, raw, error in iter_raw_rows(path):
+            if raw is not None:
+                row, error = normalise_row(raw, base_dir)
+            if error is not None:
+                self.bad.inc()
+                kind = "malformed_row" if raw is None else "missing_field"
+                yield tagged_dead_letter("read_catalog", kind, f"line {n}: {error}", run_id=self.run_id,
+                                         item_id=(raw or {}).get("item_id"), row=raw)
+                continue
+            self.rows.inc()
+            yield {**row, "row_number": n}
+
+
+class _DropDuplicatesFn(beam.DoFn):
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self.duplicates = Metrics.counter("read_catalog", "duplicate_item_ids")
+
+    def process(self, keyed):
+        item_id, rows = keyed
+        rows = sorted(rows, key=lambda r: r["row_number"])
+        yield rows[0]
+        for dup in rows[1:]:
+            self.duplicates.inc()
+            yield tagged_dead_letter(
+                "read_catalog", "duplicate_item_id",
+                f"item_id {item_id!r} on line {dup['row_number']} repeats line {rows[0]['row_number']}; first kept",
+                run_id=self.run_id, item_id=item_id, image_uri=dup["image_uri"], row=dup)
+
+
+class ReadCatalog(beam.PTransform):
+    """Catalog path -> (rows, dead letters). Rows are spread over workers after parsing."""
+
+    def __init__(self, path: str, run_id: str) -> None:
+        super().__init__()
+        self.path = path
+        self.run_id = run_id
+
+    def expand(self, pbegin):
+        parsed = (
+            pbegin
+            | "CatalogPath" >> beam.Create([self.path])
+            | "Parse" >> beam.ParDo(_ParseCatalogFn(self.run_id)).with_outputs(DEAD_LETTER_TAG, main="rows")
+        )
+        deduped = (
+            parsed.rows
+            | "KeyByItemId" >> beam.Map(lambda r: (r["item_id"], r))
+            | "GroupByItemId" >> beam.GroupByKey()
+            | "DropDuplicates" >> beam.ParDo(_DropDuplicatesFn(self.run_id)).with_outputs(DEAD_LETTER_TAG,
+                                                                                         main="rows")
+        )
+        dead = (parsed[DEAD_LETTER_TAG], deduped[DEAD_LETTER_TAG]) | "FlattenDeadLetters" >> beam.Flatten()
+        return deduped.rows, dead

@@ -1,0 +1,74 @@
+"""ReadAndDecode: catalog row -> (metadata, model-ready pixels), or a dead-letter row saying why not."""
+
+from __future__ import annotations
+
+import hashlib
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from pipelines.transforms.dead_letter import DEAD_LETTER_TAG, tagged_dead_letter
+from retrieval_core import io as rio
+from retrieval_core.preprocess import DecodeError, DecodeLimits, Preprocessing, decode_image
+
+
+def read_error_type(e: Exception) -> str:
+    if isinstance(e, FileNotFoundError):
+        return "not_found"
+    if isinstance(e, PermissionError):
+        return "permission_denied"
+    if isinstance(e, IsADirectoryError):
+        return "is_a_directory"
+    return type(e).__name__
+
+
+class _ReadAndDecodeFn(beam.DoFn):
+    def __init__(self, prep: Preprocessing, limits: DecodeLimits, run_id: str) -> None:
+        self.prep = prep
+        self.limits = limits
+        self.run_id = run_id
+        self.read_failed = Metrics.counter("read_and_decode", "read_failed")
+        self.decode_failed = Metrics.counter("read_and_decode", "decode_failed")
+        self.decoded = Metrics.counter("read_and_decode", "decoded")
+        self.bytes_read = Metrics.counter("read_and_decode", "bytes_read")
+
+    def process(self, row: dict):
+        uri = row["image_uri"]
+        try:
+            data = rio.read_bytes(uri)
+        except Exception as e:  # any read failure is this row's problem only
+            self.read_failed.inc()
+            yield tagged_dead_letter("read", read_error_type(e), f"{type(e).__name__}: {e}", run_id=self.run_id,
+                                     item_id=row["item_id"], image_uri=uri, row=row)
+            return
+        self.bytes_read.inc(len(data))
+        try:
+            decoded = decode_image(data, self.prep, self.limits)
+        except DecodeError as e:
+            self.decode_failed.inc()
+            yield tagged_dead_letter("decode", e.error_type, str(e), run_id=self.run_id, item_id=row["item_id"],
+                                     image_uri=uri, row=row)
+            return
+        self.decoded.inc()
+        meta = {
+            "item_id": row["item_id"],
+            "image_uri": uri,
+            "content_sha256": hashlib.sha256(data).hexdigest(),
+            "width": decoded.width,
+            "height": decoded.height,
+            "catalog": row["catalog"],
+        }
+        yield meta, decoded.pixels
+
+
+class ReadAndDecode(beam.PTransform):
+    """Catalog rows -> ((metadata, pixels) elements, dead letters)."""
+
+    def __init__(self, prep: Preprocessing, run_id: str, limits: DecodeLimits = DecodeLimits()) -> None:
+        super().__init__()
+        self.prep, self.limits, self.run_id = prep, limits, run_id
+
+    def expand(self, rows):
+        out = rows | "ReadDecode" >> beam.ParDo(_ReadAndDecodeFn(self.prep, self.limits, self.run_id)).with_outputs(
+            DEAD_LETTER_TAG, main="decoded")
+        return out.decoded, out[DEAD_LETTER_TAG]

@@ -1,0 +1,1 @@
+"""Models, losses, training jobs, evaluation, model bundles, index building and search."""

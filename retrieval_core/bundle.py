@@ -1,0 +1,148 @@
+"""Model bundles: one directory with ``weights.pt`` and ``bundle.json``.
+
+``bundle.json`` says everything needed to rebuild and use the model: the
+registered architecture name and its config, the preprocessing, the output
+sizes, the class and attribute vocabularies, training metadata, and the
+``model_id``: a digest of the weights and of everything that changes what the
+model outputs. Weights load with ``torch.load(weights_only=True)``, so a bundle
+cannot run code on the machine that opens it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from torch import nn
+
+from retrieval_core import io as rio
+from retrieval_core.models import create_model
+from retrieval_core.preprocess import Preprocessing
+
+BUNDLE_FORMAT = 1
+CONFIG_FILE = "bundle.json"
+WEIGHTS_FILE = "weights.pt"
+
+
+class BundleError(ValueError):
+    """A bundle that is missing, malformed, or whose weights do not match its model id."""
+
+
+@dataclass(frozen=True)
+class BundleConfig:
+    """The contents of ``bundle.json``."""
+
+    model_name: str
+    model_config: dict
+    preprocessing: Preprocessing
+    embedding_dim: int
+    hash_bits: int
+    categories: tuple[str, ...]
+    attributes: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    model_id: str = ""
+    training: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    format_version: int = BUNDLE_FORMAT
+
+    def identity(self) -> dict:
+        """What, with the weights, determines the model's outputs (training metadata excluded)."""
+        return {
+            "model_name": self.model_name,
+            "model_config": self.model_config,
+            "preprocessing": self.preprocessing.to_dict(),
+            "embedding_dim": self.embedding_dim,
+            "hash_bits": self.hash_bits,
+            "categories": list(self.categories),
+            "attributes": {k: list(v) for k, v in self.attributes.items()},
+        }
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["preprocessing"] = self.preprocessing.to_dict()
+        return json.dumps(d, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> BundleConfig:
+        try:
+            d = json.loads(text)
+            if d.get("format_version") != BUNDLE_FORMAT:
+                raise BundleError(f"bundle format {d.get('format_version')} is not {BUNDLE_FORMAT}")
+            d["preprocessing"] = Preprocessing.from_dict(d["preprocessing"])
+            d["categories"] = tuple(d["categories"])
+            d["attributes"] = {k: tuple(v) for k, v in d.get("attributes", {}).items()}
+            return cls(**d)
+        except BundleError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            raise BundleError(f"malformed {CONFIG_FILE}: {e}") from e
+
+
+def compute_model_id(config: BundleConfig, weights: bytes) -> str:
+    """``<model_name>-<first 16 hex of sha256(weights || canonical identity json)>``."""
+    h = hashlib.sha256(weights)
+    h.update(json.dumps(config.identity(), sort_keys=True).encode())
+    return f"{config.model_name}-{h.hexdigest()[:16]}"
+
+
+def _state_dict_bytes(model: nn.Module) -> bytes:
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
+    return buf.getvalue()
+
+
+def save_bundle(out_dir: str, model: nn.Module, config: BundleConfig) -> BundleConfig:
+    """Write a bundle directory atomically (a temp dir renamed into place); returns the config with its model_id."""
+    weights = _state_dict_bytes(model)
+    config = replace(config, model_id=compute_model_id(config, weights))
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".bundle-", dir=parent)
+    try:
+        with open(os.path.join(tmp, WEIGHTS_FILE), "wb") as f:
+            f.write(weights)
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            f.write(config.to_json())
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+    return config
+
+
+def read_bundle_config(bundle_dir: str) -> BundleConfig:
+    """Read ``bundle.json`` only (cheap: no weights), e.g. to size a pipeline's schema."""
+    path = rio.join(bundle_dir, CONFIG_FILE)
+    if not rio.exists(path):
+        raise BundleError(f"no {CONFIG_FILE} in {bundle_dir}: not a model bundle")
+    return BundleConfig.from_json(rio.read_bytes(path))
+
+
+def load_bundle(bundle_dir: str, device: str = "cpu") -> tuple[BundleConfig, nn.Module]:
+    """Load a bundle's config and model (eval mode, on ``device``), checking the weights against the model id.
+
+    Raises:
+        BundleError: missing or malformed files, or weights that do not hash to the stored ``model_id``.
+    """
+    config = read_bundle_config(bundle_dir)
+    weights_path = rio.join(bundle_dir, WEIGHTS_FILE)
+    if not rio.exists(weights_path):
+        raise BundleError(f"no {WEIGHTS_FILE} in {bundle_dir}")
+    weights = rio.read_bytes(weights_path)
+    if compute_model_id(config, weights) != config.model_id:
+        raise BundleError(f"{bundle_dir}: weights do not match model_id {config.model_id} (corrupt or edited bundle)")
+    try:
+        state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
+        model = create_model(config.model_name, **config.model_config)
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError, EOFError, ValueError) as e:
+        raise BundleError(f"{bundle_dir}: cannot load weights: {e}") from e
+    return config, model.to(device).eval()

@@ -1,0 +1,129 @@
+"""The indexing pipeline end to end on the local runner, against what the catalog says should happen."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import duckdb
+import faiss
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import LOCAL_RUNNER, write_catalog
+
+from pipelines.index_catalog import run
+from retrieval_core.index.publish import load_manifest, read_current
+from retrieval_core.search import Searcher
+from schemas import DEAD_LETTER_SCHEMA, ManifestError, check_schema_version, feature_schema
+
+
+def _run(catalog: str, out: str, bundle: str, *extra: str) -> dict:
+    return run([f"--catalog={catalog}", f"--output={out}", f"--bundle={bundle}", f"--runner={LOCAL_RUNNER}",
+                "--num_shards=3", "--batch_size=8", *extra])
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory, tiny_bundle):
+    root = tmp_path_factory.mktemp("pipeline")
+    catalog, expect = write_catalog(str(root / "catalog"), 24)
+    out = str(root / "out")
+    report = _run(catalog, out, tiny_bundle[0], "--run_id=r1")
+    return out, expect, report, tiny_bundle
+
+
+def test_every_row_accounted_for(indexed):
+    out, expect, report, (_, bundle) = indexed
+    features = pq.read_table(glob.glob(f"{out}/features/run=r1/*.parquet"))
+    dead = pq.read_table(glob.glob(f"{out}/dead_letter/run=r1/*.parquet"))
+    assert sorted(features.column("item_id").to_pylist()) == sorted(expect["good"])
+    dead_ids = dead.column("item_id").to_pylist()
+    assert sorted(i for i in dead_ids if i and i.startswith("bad-")) == sorted(expect["bad"])
+    assert len(dead) == len(expect["bad"]) + expect["catalog_errors"]
+    assert report["counts"]["indexed"] == len(expect["good"])
+    assert report["counts"]["dead_letter"] == len(dead)
+    # The duplicate item_id keeps its first row (good000.jpg), the later one is dead-lettered.
+    row = next(r for r in features.to_pylist() if r["item_id"] == "item000")
+    assert row["image_uri"].endswith("good000.jpg")
+    stages = {(r["item_id"], r["stage"], r["error_type"]) for r in dead.to_pylist()}
+    assert ("bad-missing", "read", "not_found") in stages
+    assert ("bad-zero", "decode", "empty") in stages
+    assert ("bad-html", "decode", "not_an_image") in stages
+    assert ("bad-truncated", "decode", "truncated") in stages
+    assert ("item000", "read_catalog", "duplicate_item_id") in stages
+
+
+def test_tables_match_schemas(indexed):
+    out, _, _, (_, bundle) = indexed
+    for path in glob.glob(f"{out}/features/run=r1/*.parquet"):
+        schema = pq.read_schema(path)
+        check_schema_version(schema.metadata, what=path)
+        assert schema.remove_metadata() == feature_schema(bundle.embedding_dim, bundle.hash_bits).remove_metadata()
+    for path in glob.glob(f"{out}/dead_letter/run=r1/*.parquet"):
+        assert pq.read_schema(path).remove_metadata() == DEAD_LETTER_SCHEMA.remove_metadata()
+
+
+def test_published_index(indexed):
+    out, expect, _, (bundle_dir, bundle) = indexed
+    assert read_current(out) == "r1"
+    manifest = load_manifest(out)
+    assert manifest.model_id == bundle.model_id and manifest.ntotal == len(expect["good"])
+    assert len(manifest.vector_shards) == 3
+    # Plain faiss opens every shard; ntotal adds up to the feature rows.
+    total = sum(faiss.read_index(os.path.join(out, s.path)).ntotal for s in manifest.vector_shards)
+    btotal = sum(faiss.read_index_binary(os.path.join(out, s.path)).ntotal for s in manifest.hamming_shards)
+    assert total == btotal == len(expect["good"])
+    assert json.load(open(os.path.join(out, "runs", "r1.json")))["status"] == "published"
+
+
+def test_indexed_image_finds_itself_first(indexed):
+    out, expect, _, (bundle_dir, _) = indexed
+    searcher = Searcher.open(out, bundle=bundle_dir)
+    images = [os.path.join(os.path.dirname(out), "catalog", "images", f"good{i:03d}.jpg") for i in (3, 10, 17)]
+    result = searcher.search_images(images, k=3)
+    assert [r[0] for r in result.item_ids] == ["item003", "item010", "item017"]
+    assert np.allclose(result.scores[:, 0], 1.0, atol=1e-4)
+    by_item = searcher.search_items(["item005"], k=1)
+    assert by_item.item_ids[0][0] == "item005"
+    by_code = searcher.search_items(["item005"], k=1, mode="hamming")
+    assert by_code.scores[0][0] == 0
+
+
+def test_checksum_mismatch_is_refused(indexed, tmp_path):
+    import shutil
+
+    out, _, _, _ = indexed
+    copy = str(tmp_path / "copy")
+    shutil.copytree(out, copy)
+    manifest = load_manifest(copy)
+    shard = os.path.join(copy, manifest.vector_shards[0].path)
+    with open(shard, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 0xFF]))
+    with pytest.raises(ManifestError, match="failed verification"):
+        Searcher.open(copy)
+
+
+def test_duckdb_reads_features_with_documented_query(indexed):
+    out, _, _, _ = indexed
+    con = duckdb.connect()
+    rows = con.sql(f"""
+        WITH f AS (SELECT * FROM read_parquet('{out}/features/*/*.parquet', hive_partitioning = true))
+        SELECT b.item_id, list_cosine_similarity(a.embedding, b.embedding) AS cosine
+        FROM f a, f b WHERE a.item_id = 'item004' AND b.item_id <> a.item_id
+        ORDER BY cosine DESC LIMIT 3""").fetchall()
+    assert len(rows) == 3 and all(-1.0001 <= c <= 1.0001 for _, c in rows)
+
+
+def test_cuda_without_gpu_fails_at_start(tmp_path, tiny_bundle):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    catalog, _ = write_catalog(str(tmp_path / "c"), 2, broken=False, duplicate=False)
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        _run(catalog, str(tmp_path / "out"), tiny_bundle[0], "--device=cuda")
+    assert not os.path.exists(tmp_path / "out" / "CURRENT")
