@@ -32,7 +32,7 @@ test: $(STAMP)  ## run the test suite
 RUFF := $(VENV)/bin/ruff --config 'line-length = 120' --config 'target-version = "py311"'
 
 lint: $(STAMP)  ## ruff check (pyflakes, pycodestyle, isort, bugbear, pyupgrade) + format check
-	$(RUFF) check --select E,F,W,I,B,UP .
+	$(RUFF) check --select E,F,W,I,B,UP --ignore B905 .
 	$(RUFF) format --check .
 
 clean:  ## remove generated artifacts (keeps .venv)

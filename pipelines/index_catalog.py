@@ -36,8 +36,14 @@ from schemas import DEAD_LETTER_SCHEMA, feature_schema
 
 log = logging.getLogger("index_catalog")
 
-LOCAL_RUNNERS = ("DirectRunner", "FnApiRunner", "apache_beam.runners.portability.fn_api_runner.FnApiRunner",
-                 "apache_beam.runners.direct.direct_runner.DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner")
+LOCAL_RUNNERS = (
+    "DirectRunner",
+    "FnApiRunner",
+    "BundleBasedDirectRunner",
+    "SwitchingDirectRunner",
+    "apache_beam.runners.portability.fn_api_runner.FnApiRunner",
+    "apache_beam.runners.direct.direct_runner.DirectRunner",
+)
 
 
 class IndexOptions(PipelineOptions):

@@ -84,7 +84,9 @@ class DecodedImage:
     extra: dict = field(default_factory=dict)
 
 
-def decode_image(data: bytes, prep: Preprocessing | None = None, limits: DecodeLimits = DecodeLimits()) -> DecodedImage:
+def decode_image(
+    data: bytes, prep: Preprocessing | None = None, limits: DecodeLimits | None = None
+) -> DecodedImage:
     """Decode untrusted bytes into RGB pixels, resized for ``prep`` when given.
 
     Handles EXIF orientation, CMYK, greyscale, palette and alpha (composited on
@@ -103,6 +105,7 @@ def decode_image(data: bytes, prep: Preprocessing | None = None, limits: DecodeL
         DecodeError: with ``error_type`` one of ``empty``, ``too_large``, ``not_an_image``,
             ``decompression_bomb``, ``too_small``, ``truncated``, ``corrupt``.
     """
+    limits = limits or DecodeLimits()
     if not data:
         raise DecodeError("empty", "zero bytes")
     if len(data) > limits.max_bytes:
@@ -150,7 +153,8 @@ def decode_image(data: bytes, prep: Preprocessing | None = None, limits: DecodeL
 
 def _failure_kind(e: Exception) -> str:
     text = str(e).lower()
-    return "truncated" if isinstance(e, OSError) and ("truncated" in text or "broken data stream" in text) else "corrupt"
+    truncated = isinstance(e, OSError) and ("truncated" in text or "broken data stream" in text)
+    return "truncated" if truncated else "corrupt"
 
 
 def _head(data: bytes) -> str:
@@ -200,7 +204,9 @@ def to_model_input(pixels: np.ndarray, prep: Preprocessing) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
-def load_image_file(path: str, prep: Preprocessing | None = None, limits: DecodeLimits = DecodeLimits()) -> DecodedImage:
+def load_image_file(
+    path: str, prep: Preprocessing | None = None, limits: DecodeLimits | None = None
+) -> DecodedImage:
     """Read and decode one local or remote (Beam filesystem) image."""
     from retrieval_core.io import read_bytes
 

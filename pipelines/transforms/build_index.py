@@ -8,30 +8,11 @@ does not depend on how the runner split or ordered the work.
 
 from __future__ import annotations
 
-import io
-
 import apache_beam as beam
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 
-from retrieval_core import io as rio
-from retrieval_core.index.build import (
-    IndexSpec,
-    choose_spec,
-    fill_binary_shard,
-    fill_vector_shard,
-    serialize_index,
-    sha256_bytes,
-    shard_of,
-    train_vector_index,
-)
-from schemas import IDS_SCHEMA
-
-
-def shard_name(kind: str, shard: int, num_shards: int, ext: str) -> str:
-    return f"{kind}/shard-{shard:05d}-of-{num_shards:05d}.{ext}"
+from retrieval_core.index.build import IndexSpec, choose_spec, shard_of, train_vector_index, write_shard
 
 
 def _slim(row: dict) -> tuple[str, str, np.ndarray, bytes]:
@@ -45,7 +26,7 @@ def _train(sample: list, count: int, *, dim: int, factory: str | None, nprobe: i
 
 
 class _FillShardFn(beam.DoFn):
-    """Fill one shard from its items and the trained empty index; write three files; return their entries."""
+    """Fill one shard from its items and the trained empty index (a side input); write its three files."""
 
     def __init__(self, generation_dir: str, generation_rel: str, num_shards: int, dim: int, hash_bits: int) -> None:
         self.generation_dir = generation_dir
@@ -58,28 +39,10 @@ class _FillShardFn(beam.DoFn):
     def process(self, keyed, trained):
         shard, items = keyed
         spec, empty_index = trained
-        items = sorted((i for i in items if i is not None), key=lambda t: t[0])
-        if items:
-            vectors = np.stack([t[2] for t in items])
-            codes = np.stack([np.frombuffer(t[3], np.uint8) for t in items])
-        else:
-            vectors, codes = np.zeros((0, self.dim), np.float32), np.zeros((0, self.hash_bits // 8), np.uint8)
-        vec_bytes = serialize_index(fill_vector_shard(empty_index, vectors, spec.nprobe))
-        bin_bytes = serialize_index(fill_binary_shard(codes, self.hash_bits, spec.binary_factory))
-        ids = pa.table({"faiss_id": pa.array(range(len(items)), pa.int64()),
-                        "item_id": pa.array([t[0] for t in items], pa.string()),
-                        "content_sha256": pa.array([t[1] for t in items], pa.string())}, schema=IDS_SCHEMA)
-        buf = io.BytesIO()
-        pq.write_table(ids, buf, compression="zstd")
-        entries = {}
-        for kind, ext, data in (("vectors", "faiss", vec_bytes), ("hamming", "faiss", bin_bytes),
-                                ("ids", "parquet", buf.getvalue())):
-            name = shard_name(kind, shard, self.num_shards, ext)
-            rio.write_bytes_atomic(rio.join(self.generation_dir, name), data)
-            entries[kind] = {"path": f"{self.generation_rel}/{name}", "sha256": sha256_bytes(data),
-                             "bytes": len(data), "rows": len(items)}
+        items = [i for i in items if i is not None]
+        yield write_shard(self.generation_dir, self.generation_rel, shard, self.num_shards, items, spec,
+                          empty_index, self.dim, self.hash_bits)
         self.vectors_added.inc(len(items))
-        yield {"shard": shard, **entries}
 
 
 class BuildIndex(beam.PTransform):

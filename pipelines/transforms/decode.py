@@ -64,9 +64,9 @@ class _ReadAndDecodeFn(beam.DoFn):
 class ReadAndDecode(beam.PTransform):
     """Catalog rows -> ((metadata, pixels) elements, dead letters)."""
 
-    def __init__(self, prep: Preprocessing, run_id: str, limits: DecodeLimits = DecodeLimits()) -> None:
+    def __init__(self, prep: Preprocessing, run_id: str, limits: DecodeLimits | None = None) -> None:
         super().__init__()
-        self.prep, self.limits, self.run_id = prep, limits, run_id
+        self.prep, self.limits, self.run_id = prep, limits or DecodeLimits(), run_id
 
     def expand(self, rows):
         out = rows | "ReadDecode" >> beam.ParDo(_ReadAndDecodeFn(self.prep, self.limits, self.run_id)).with_outputs(

@@ -11,11 +11,18 @@ searcher adds the shard's offset.
 from __future__ import annotations
 
 import hashlib
+import io
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import faiss
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from retrieval_core import io as rio
+from schemas import IDS_SCHEMA
 
 FLAT_MAX_ROWS = 50_000
 """Below this many vectors an exact flat index is both fastest to build and exact."""
@@ -99,3 +106,47 @@ def serialize_index(index: faiss.Index | faiss.IndexBinary) -> bytes:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def shard_name(kind: str, shard: int, num_shards: int, ext: str) -> str:
+    """``vectors/shard-00001-of-00004.faiss``: zero-padded so names sort in shard order."""
+    return f"{kind}/shard-{shard:05d}-of-{num_shards:05d}.{ext}"
+
+
+def write_shard(generation_dir: str, generation_rel: str, shard: int, num_shards: int,
+                items: Sequence[tuple[str, str, np.ndarray, bytes]], spec: IndexSpec, trained: bytes,
+                dim: int, hash_bits: int) -> dict:
+    """Fill and write one shard: float index, binary index and id file, each atomically.
+
+    Args:
+        generation_dir: where the generation's files go (local path or URI).
+        generation_rel: the same, relative to the output root, for the returned paths.
+        shard, num_shards: which shard this is.
+        items: ``(item_id, content_sha256, embedding, packed code)``; written in item-id order.
+        spec, trained: the index spec and its trained empty index (``train_vector_index``).
+
+    Returns:
+        ``{"shard": s, "vectors": entry, "hamming": entry, "ids": entry}``, each entry a dict of
+        ``path`` (relative), ``sha256``, ``bytes`` and ``rows``.
+    """
+    items = sorted(items, key=lambda t: t[0])
+    if items:
+        vectors = np.stack([t[2] for t in items]).astype(np.float32)
+        codes = np.stack([np.frombuffer(t[3], np.uint8) for t in items])
+    else:
+        vectors, codes = np.zeros((0, dim), np.float32), np.zeros((0, hash_bits // 8), np.uint8)
+    ids = pa.table({"faiss_id": pa.array(range(len(items)), pa.int64()),
+                    "item_id": pa.array([t[0] for t in items], pa.string()),
+                    "content_sha256": pa.array([t[1] for t in items], pa.string())}, schema=IDS_SCHEMA)
+    buf = io.BytesIO()
+    pq.write_table(ids, buf, compression="zstd")
+    files = (("vectors", "faiss", serialize_index(fill_vector_shard(trained, vectors, spec.nprobe))),
+             ("hamming", "faiss", serialize_index(fill_binary_shard(codes, hash_bits, spec.binary_factory))),
+             ("ids", "parquet", buf.getvalue()))
+    result: dict = {"shard": shard}
+    for kind, ext, data in files:
+        name = shard_name(kind, shard, num_shards, ext)
+        rio.write_bytes_atomic(rio.join(generation_dir, name), data)
+        result[kind] = {"path": f"{generation_rel}/{name}", "sha256": sha256_bytes(data), "bytes": len(data),
+                        "rows": len(items)}
+    return result

@@ -2,9 +2,10 @@
 
 ``Searcher.open(root)`` follows ``CURRENT``, validates the manifest, verifies
 every file's sha256, memory-maps the shards, and answers k-NN queries on
-embeddings (inner product) and on binary codes (Hamming). Results from the
-shards are merged with ties broken by faiss id, so the answer does not depend
-on the number of shards.
+embeddings (inner product) and on binary codes (Hamming). Ties are broken by
+item id: inside a shard rows are in item-id order and faiss breaks ties by the
+lower id, and the merge across shards does the same, so the answer does not
+depend on the number of shards.
 """
 
 from __future__ import annotations
@@ -69,6 +70,10 @@ class Searcher:
         self.offsets = np.array([s.offset for s in manifest.vector_shards], dtype=np.int64)
         self.encoder = encoder
         self._id_of: dict[str, int] | None = None
+        # Position of each faiss id's item in item-id order: the tie-breaking key of the merge.
+        order = pc.sort_indices(item_ids).to_numpy() if len(item_ids) else np.zeros(0, np.int64)
+        self._item_rank = np.empty(len(order), np.int64)
+        self._item_rank[order] = np.arange(len(order))
 
     @classmethod
     def open(cls, root: str, generation: str | None = None, *, bundle: str | Encoder | None = None,
@@ -193,8 +198,9 @@ class Searcher:
         worst = -np.inf if higher_is_better else np.inf
         d = np.where(i >= 0, d, worst)
         primary = -d if higher_is_better else d
-        # Sort by score, then by id (empty slots last): deterministic and independent of the shard count.
-        order = np.lexsort((np.where(i >= 0, i, np.iinfo(np.int64).max), primary), axis=1)[:, :k]
+        # Sort by score, then by item id (empty slots last): deterministic and independent of the shard count.
+        tie = np.where(i >= 0, self._item_rank[np.maximum(i, 0)], np.iinfo(np.int64).max)
+        order = np.lexsort((tie, primary), axis=1)[:, :k]
         ids, scores = np.take_along_axis(i, order, 1), np.take_along_axis(d, order, 1)
         if ids.shape[1] < k:
             pad = k - ids.shape[1]

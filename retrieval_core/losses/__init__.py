@@ -1,0 +1,16 @@
+"""Loss modules, one family per file, created by name through ``create_loss``."""
+
+from retrieval_core.losses.metric import QuantizationLoss, SupConLoss
+
+_LOSSES = {"supcon": SupConLoss, "quantization": QuantizationLoss}
+
+
+def create_loss(name: str, **config):
+    """Build a loss by the name a training config stores."""
+    try:
+        return _LOSSES[name](**config)
+    except KeyError:
+        raise KeyError(f"unknown loss {name!r}; known: {sorted(_LOSSES)}") from None
+
+
+__all__ = ["QuantizationLoss", "SupConLoss", "create_loss"]

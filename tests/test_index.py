@@ -1,0 +1,157 @@
+"""Index building and search against brute-force oracles, without Beam (the plain functions BuildIndex uses)."""
+
+from __future__ import annotations
+
+import os
+
+import faiss
+import numpy as np
+import pytest
+
+from retrieval_core.encoder import pack_codes
+from retrieval_core.eval.retrieval import hamming_distances
+from retrieval_core.index.build import choose_spec, shard_of, train_vector_index, write_shard
+from retrieval_core.index.publish import build_manifest, publish, read_current
+from retrieval_core.search import ModelMismatchError, Searcher
+from retrieval_core.search.cli import main as search_cli
+
+
+def clustered(n: int, dim: int, seed: int, clusters: int = 50) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim))
+    x = centres[rng.integers(0, clusters, n)] + 0.3 * rng.normal(size=(n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def build_generation(root: str, emb: np.ndarray, codes: np.ndarray, num_shards: int, factory: str | None = None,
+                     generation: str = "g1", nprobe: int | None = None, model_id: str = "m-1") -> list[str]:
+    """What the Beam graph does, done by hand: train on all vectors, fill shards, publish."""
+    item_ids = [f"it{i:06d}" for i in range(len(emb))]
+    spec = choose_spec(len(emb), factory, nprobe)
+    trained = train_vector_index(emb, emb.shape[1], spec)
+    by_shard: dict[int, list] = {s: [] for s in range(num_shards)}
+    for i, item in enumerate(item_ids):
+        by_shard[shard_of(item, num_shards)].append((item, "0" * 64, emb[i], codes[i].tobytes()))
+    rel = f"indices/{generation}"
+    results = [write_shard(os.path.join(root, rel), rel, s, num_shards, items, spec, trained, emb.shape[1],
+                           codes.shape[1] * 8) for s, items in by_shard.items()]
+    manifest = build_manifest(output_root=root, generation=generation, run_id=generation, model_id=model_id,
+                              model_name="test", dim=emb.shape[1], hash_bits=codes.shape[1] * 8, spec=spec,
+                              shard_results=results, feature_files=[], dead_letter_files=[], counts={})
+    publish(root, manifest)
+    return item_ids
+
+
+@pytest.fixture(scope="module")
+def binary_generation(tmp_path_factory):
+    rng = np.random.default_rng(7)
+    n = 3000
+    emb = clustered(n, 16, 7)
+    # Few distinct bits -> many exact Hamming ties, the hard case for deterministic merging.
+    codes = pack_codes(rng.normal(size=(n, 16)) * (rng.random((n, 16)) < 0.3))
+    root = str(tmp_path_factory.mktemp("bin"))
+    item_ids = build_generation(root, emb, codes, num_shards=4)
+    return root, emb, codes, item_ids
+
+
+def test_hamming_knn_equals_popcount_brute_force(binary_generation):
+    root, _, codes, item_ids = binary_generation
+    searcher = Searcher.open(root)
+    queries = codes[:50]
+    result = searcher.search_codes(queries, k=20)
+    dist = hamming_distances(queries, codes)
+    # Oracle: sort by distance, ties by item id (item_ids are generated in sorted order).
+    for q in range(len(queries)):
+        order = np.lexsort((np.arange(len(item_ids)), dist[q]))[:20]
+        assert result.scores[q].astype(int).tolist() == dist[q][order].tolist()
+        assert result.item_ids[q] == [item_ids[j] for j in order]
+
+
+def test_sharding_does_not_change_results(binary_generation, tmp_path):
+    root, emb, codes, _ = binary_generation
+    one = str(tmp_path / "one")
+    build_generation(one, emb, codes, num_shards=1)
+    a, b = Searcher.open(root), Searcher.open(one)
+    ra, rb = a.search_vectors(emb[:20], k=10), b.search_vectors(emb[:20], k=10)
+    assert ra.item_ids == rb.item_ids
+    ha, hb = a.search_codes(codes[:20], k=10), b.search_codes(codes[:20], k=10)
+    assert ha.item_ids == hb.item_ids and np.array_equal(ha.scores, hb.scores)
+
+
+def test_flat_search_equals_numpy(binary_generation):
+    root, emb, _, item_ids = binary_generation
+    searcher = Searcher.open(root)
+    result = searcher.search_vectors(emb[100:110], k=5)
+    sims = emb[100:110] @ emb.T
+    for q in range(10):
+        expected = np.argsort(-sims[q], kind="stable")[:5]
+        np.testing.assert_allclose(result.scores[q], sims[q][expected], rtol=1e-5, atol=1e-5)
+        assert result.item_ids[q][0] == item_ids[100 + q]
+
+
+def test_allowed_ids_restrict_the_gallery(binary_generation):
+    root, emb, codes, _ = binary_generation
+    searcher = Searcher.open(root)
+    allowed = np.arange(0, searcher.ntotal, 7)
+    for result in (searcher.search_vectors(emb[:10], 5, allowed_ids=allowed),
+                   searcher.search_codes(codes[:10], 5, allowed_ids=allowed)):
+        assert set(result.ids.ravel().tolist()) <= set(allowed.tolist())
+
+
+def test_ivf_shards_recall_vs_flat(tmp_path):
+    n, dim = 20000, 32
+    everything = clustered(n + 200, dim, 1, clusters=200)
+    emb, queries = everything[:n], everything[n:]  # held-out queries from the same distribution
+    codes = pack_codes(emb[:, :16])
+    root = str(tmp_path / "ivf")
+    build_generation(root, emb, codes, num_shards=3, factory="IVF64,Flat", nprobe=8)
+    searcher = Searcher.open(root)
+    assert "IVF64" in searcher.manifest.vector_factory and searcher.manifest.nprobe == 8
+    exact = faiss.IndexFlatIP(dim)
+    exact.add(emb)
+    _, truth = exact.search(queries, 10)
+    truth_items = [[f"it{j:06d}" for j in row] for row in truth]
+    got = searcher.search_vectors(queries, 10).item_ids
+    recall = np.mean([len(set(g) & set(t)) / 10 for g, t in zip(got, truth_items)])
+    assert recall >= 0.9, recall
+    # More probes can only help, and probing every list is exact.
+    full = searcher.search_vectors(queries, 10, nprobe=64).item_ids
+    assert np.mean([len(set(g) & set(t)) / 10 for g, t in zip(full, truth_items)]) == pytest.approx(1.0)
+
+
+def test_spec_is_chosen_by_size():
+    assert choose_spec(1000).vector_factory == "Flat"
+    big = choose_spec(1_000_000)
+    assert big.vector_factory.startswith("IVF") and big.nprobe >= 1
+    assert choose_spec(10, "IVF4,Flat", 2).nprobe == 2
+
+
+def test_model_mismatch_is_refused(binary_generation):
+    root, *_ = binary_generation
+
+    class FakeEncoder:
+        class config:  # noqa: N801
+            model_id = "some-other-model"
+
+    with pytest.raises(ModelMismatchError, match="built with model m-1"):
+        Searcher.open(root, bundle=FakeEncoder())
+
+
+def test_new_generation_replaces_current(binary_generation, tmp_path):
+    _, emb, codes, _ = binary_generation
+    root = str(tmp_path / "gens")
+    build_generation(root, emb[:100], codes[:100], 2, generation="a")
+    build_generation(root, emb[:200], codes[:200], 2, generation="b")
+    assert read_current(root) == "b"
+    assert Searcher.open(root).ntotal == 200
+    assert Searcher.open(root, "a").ntotal == 100
+
+
+def test_cli_prints_json(binary_generation, capsys, tmp_path):
+    root, emb, *_ = binary_generation
+    np.save(tmp_path / "q.npy", emb[:2])
+    assert search_cli(["--index", root, "--vector", str(tmp_path / "q.npy"), "--k", "3", "--json"]) == 0
+    import json
+
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["results"]) == 2 and out["results"][0]["neighbours"][0]["item_id"] == "it000000"
