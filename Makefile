@@ -8,7 +8,7 @@ ART    ?= artifacts
 RUNNER ?= apache_beam.runners.portability.fn_api_runner.FnApiRunner
 
 .DEFAULT_GOAL := help
-.PHONY: help setup index train-baseline test lint clean
+.PHONY: help setup data index train-baseline test lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -19,6 +19,15 @@ $(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
+
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+
+data:  ## install real Fashion-MNIST from Debian (dataset-fashion-mnist) if it is missing
+	@if [ -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ]; then echo "fashion-mnist: present in $(FMNIST_DIR)"; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get install -y -q dataset-fashion-mnist || \
+	  { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }; \
+	elif command -v sudo >/dev/null; then sudo apt-get install -y -q dataset-fashion-mnist; \
+	else echo "fashion-mnist: run as root: apt-get install dataset-fashion-mnist"; exit 1; fi
 
 index: $(STAMP)  ## generate the default catalog, train the baseline bundle if none is cached, index it, report recall
 	$(PY) -m pipelines.run_default --artifacts $(ART) --runner $(RUNNER)

@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
@@ -143,6 +144,6 @@ def load_bundle(bundle_dir: str, device: str = "cpu") -> tuple[BundleConfig, nn.
         state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
         model = create_model(config.model_name, **config.model_config)
         model.load_state_dict(state)
-    except (RuntimeError, KeyError, TypeError, EOFError, ValueError) as e:
+    except (pickle.UnpicklingError, RuntimeError, KeyError, TypeError, EOFError, ValueError) as e:
         raise BundleError(f"{bundle_dir}: cannot load weights: {e}") from e
     return config, model.to(device).eval()

@@ -21,6 +21,8 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 _EXIF_ORIENTATION = 0x0112
 _SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 or 270 degrees
+# Magic numbers of JPEG, PNG, GIF and TIFF: bytes that start this way are an image, even if PIL cannot open them.
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,8 @@ def decode_image(
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as e:
+        if data.startswith(_SIGNATURES):  # a known format whose header is cut off or damaged
+            raise DecodeError("corrupt", f"unreadable image header ({_head(data)})") from e
         raise DecodeError("not_an_image", f"not a recognised image format ({_head(data)})") from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DecodeError("decompression_bomb", str(e)) from e

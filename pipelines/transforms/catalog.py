@@ -102,8 +102,9 @@ class _ParseCatalogFn(beam.DoFn):
             if error is not None:
                 self.bad.inc()
                 kind = "malformed_row" if raw is None else "missing_field"
+                item_id = (raw or {}).get("item_id")  # may be a number in JSONL/Parquet; the table wants a string
                 yield tagged_dead_letter("read_catalog", kind, f"line {n}: {error}", run_id=self.run_id,
-                                         item_id=(raw or {}).get("item_id"), row=raw)
+                                         item_id=None if item_id is None else str(item_id), row=raw)
                 continue
             self.rows.inc()
             yield {**row, "row_number": n}

@@ -1,0 +1,104 @@
+"""Model bundles: round trip, integrity check, safe loading, and the device check."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_bundle
+
+from retrieval_core.bundle import BundleError, compute_model_id, load_bundle, read_bundle_config
+from retrieval_core.encoder import Encoder, pack_codes, resolve_device
+from retrieval_core.models import create_model, list_models
+
+
+def test_round_trip_and_model_id(tmp_path):
+    a = make_tiny_bundle(str(tmp_path / "a"), seed=0)
+    b = make_tiny_bundle(str(tmp_path / "b"), seed=0)
+    c = make_tiny_bundle(str(tmp_path / "c"), seed=1)
+    assert a.model_id == b.model_id != c.model_id  # the id is a digest of weights + config
+    config, model = load_bundle(str(tmp_path / "a"))
+    assert config == read_bundle_config(str(tmp_path / "a")) and not model.training
+
+
+def test_encoder_outputs(tmp_path):
+    make_tiny_bundle(str(tmp_path / "a"))
+    enc = Encoder.from_bundle(str(tmp_path / "a"))
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    out = enc.encode(pixels)
+    assert out.embeddings.shape == (5, 16) and out.codes.shape == (5, 2) and out.codes.dtype == np.uint8
+    np.testing.assert_allclose(np.linalg.norm(out.embeddings, axis=1), 1.0, rtol=1e-5)
+    assert set(out.category) <= {"a", "b", "c"} and all(set(a) == {"colour"} for a in out.attributes)
+    # Batching does not change results.
+    single = np.concatenate([enc.encode(pixels[i:i + 1]).embeddings for i in range(5)])
+    np.testing.assert_allclose(single, out.embeddings, atol=1e-5)
+
+
+def test_pack_codes_bit_order():
+    assert pack_codes(np.array([[1, -1, -1, -1, -1, -1, -1, 0.5, -1, -1, -1, -1, -1, -1, -1, -1]])).tolist() == [[129, 0]]
+
+
+def test_tampered_weights_are_refused(tmp_path):
+    make_tiny_bundle(str(tmp_path / "a"))
+    path = tmp_path / "a" / "weights.pt"
+    data = bytearray(path.read_bytes())
+    data[-20] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="do not match model_id"):
+        load_bundle(str(tmp_path / "a"))
+
+
+def test_edited_config_is_refused(tmp_path):
+    make_tiny_bundle(str(tmp_path / "a"))
+    cfg_path = tmp_path / "a" / "bundle.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["preprocessing"]["image_size"] = 48  # would silently change every embedding
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(BundleError, match="do not match model_id"):
+        load_bundle(str(tmp_path / "a"))
+
+
+def test_pickled_code_in_weights_is_not_executed(tmp_path):
+    """weights_only=True: a weights file carrying a pickled callable is rejected, not run."""
+    make_tiny_bundle(str(tmp_path / "a"))
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"x": Evil()}, tmp_path / "a" / "weights.pt")
+    # Re-sign the bundle so the digest check passes and torch.load itself is what must refuse.
+    config = read_bundle_config(str(tmp_path / "a"))
+    config = dataclasses.replace(config, model_id=compute_model_id(config, (tmp_path / "a" / "weights.pt").read_bytes()))
+    (tmp_path / "a" / "bundle.json").write_text(config.to_json())
+    with pytest.raises(BundleError, match="cannot load weights"):
+        load_bundle(str(tmp_path / "a"))
+    assert not marker.exists()
+
+
+def test_missing_and_malformed(tmp_path):
+    with pytest.raises(BundleError, match="not a model bundle"):
+        read_bundle_config(str(tmp_path))
+    (tmp_path / "bundle.json").write_text('{"format_version": 1}')
+    with pytest.raises(BundleError, match="malformed"):
+        read_bundle_config(str(tmp_path))
+
+
+def test_registry():
+    assert "baseline_cnn" in list_models()
+    with pytest.raises(KeyError, match="unknown model"):
+        create_model("nope")
+
+
+def test_cuda_request_without_cuda_fails_loudly():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        resolve_device("cuda")
+    with pytest.raises(ValueError):
+        resolve_device("tpu")

@@ -1,0 +1,121 @@
+"""Schemas and the manifest: round trips, and validation that refuses what it should."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from schemas import (
+    DEAD_LETTER_SCHEMA,
+    SCHEMA_VERSION,
+    FileEntry,
+    Manifest,
+    ManifestError,
+    check_schema_version,
+    feature_schema,
+)
+
+SHA = "a" * 64
+
+
+def feature_rows(n: int, dim: int, bits: int) -> list[dict]:
+    now = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+    return [{"item_id": f"i{i}", "image_uri": f"gs://b/{i}.jpg", "content_sha256": SHA, "model_id": "m",
+             "embedding": [float(i)] * dim, "hash_code": bytes([i % 256]) * (bits // 8), "category": "dress",
+             "category_score": 0.5, "attributes": [("colour", "red")], "width": 10, "height": 20,
+             "catalog": [("product_id", "p1")], "run_id": "r", "indexed_at": now} for i in range(n)]
+
+
+def test_feature_table_round_trip(tmp_path):
+    schema = feature_schema(8, 16)
+    rows = feature_rows(3, 8, 16)
+    table = pa.Table.from_pylist(rows, schema=schema)
+    pq.write_table(table, tmp_path / "f.parquet")
+    back = pq.read_table(tmp_path / "f.parquet")
+    assert back.schema.remove_metadata().equals(schema.remove_metadata())
+    assert back.schema.metadata == schema.metadata
+    assert check_schema_version(back.schema.metadata, what="f") == SCHEMA_VERSION
+    assert back.column("embedding").type == pa.list_(pa.float32(), 8)
+    assert back.to_pylist()[2]["hash_code"] == bytes([2, 2])
+    assert dict(back.to_pylist()[0]["attributes"]) == {"colour": "red"}
+
+
+def test_feature_schema_rejects_bad_sizes():
+    with pytest.raises(ValueError):
+        feature_schema(0, 64)
+    with pytest.raises(ValueError):
+        feature_schema(128, 60)
+
+
+def test_wrong_embedding_length_is_refused():
+    rows = feature_rows(1, 7, 16)
+    with pytest.raises((pa.ArrowInvalid, pa.ArrowTypeError, ValueError)):
+        pa.Table.from_pylist(rows, schema=feature_schema(8, 16))
+
+
+def test_dead_letter_round_trip(tmp_path):
+    row = {"item_id": None, "image_uri": "x", "stage": "decode", "error_type": "empty", "error_message": "zero",
+           "row_json": "{}", "run_id": "r", "at": dt.datetime.now(dt.UTC)}
+    pq.write_table(pa.Table.from_pylist([row], schema=DEAD_LETTER_SCHEMA), tmp_path / "d.parquet")
+    assert pq.read_table(tmp_path / "d.parquet").to_pylist()[0]["item_id"] is None
+
+
+def test_schema_version_check():
+    assert check_schema_version({b"schema_version": b"1.7.0"}, what="x") == "1.7.0"
+    with pytest.raises(ValueError, match="incompatible"):
+        check_schema_version({b"schema_version": b"2.0.0"}, what="x")
+    with pytest.raises(ValueError, match="no schema_version"):
+        check_schema_version(None, what="x")
+
+
+def make_manifest(**overrides) -> Manifest:
+    shards = lambda kind: tuple(FileEntry(f"indices/g/{kind}/s{i}", SHA, 10, rows=r, offset=o)  # noqa: E731
+                                for i, (r, o) in enumerate([(3, 0), (2, 3)]))
+    fields = dict(generation="g", run_id="g", created_at="2026-01-01T00:00:00+00:00", model_id="m-1",
+                  model_name="baseline_cnn", embedding_dim=128, hash_bits=64, metric="inner_product",
+                  vector_factory="Flat", binary_factory="BFlat", nprobe=1, vector_shards=shards("vectors"),
+                  hamming_shards=shards("hamming"), id_files=shards("ids"), counts={"indexed": 5})
+    return Manifest(**{**fields, **overrides})
+
+
+def test_manifest_round_trip():
+    m = make_manifest().validate()
+    back = Manifest.from_json(m.to_json())
+    assert back == m and back.ntotal == 5 and back.schema_version == SCHEMA_VERSION
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(model_id=""), "no model_id"),
+    (dict(hash_bits=60), "bad dimensions"),
+    (dict(metric="cosine"), "metric"),
+    (dict(counts={"indexed": 6}), "counts.indexed"),
+    (dict(hamming_shards=()), "shard lists disagree"),
+    (dict(schema_version="2.0.0"), "incompatible"),
+])
+def test_manifest_validation(change, message):
+    with pytest.raises(ManifestError, match=message):
+        make_manifest(**change).validate()
+
+
+def test_manifest_rejects_bad_entries():
+    m = make_manifest()
+    bad_sha = dataclasses.replace(m.vector_shards[0], sha256="xyz")
+    with pytest.raises(ManifestError, match="64 hex"):
+        dataclasses.replace(m, vector_shards=(bad_sha, m.vector_shards[1])).validate()
+    escape = dataclasses.replace(m.id_files[0], path="../../etc/passwd")
+    with pytest.raises(ManifestError, match="relative"):
+        dataclasses.replace(m, id_files=(escape, m.id_files[1])).validate()
+    gap = dataclasses.replace(m.vector_shards[1], offset=4)
+    with pytest.raises(ManifestError, match="offset"):
+        dataclasses.replace(m, vector_shards=(m.vector_shards[0], gap)).validate()
+
+
+def test_manifest_from_bad_json():
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        Manifest.from_json("{")
+    with pytest.raises(ManifestError, match="unknown manifest keys"):
+        Manifest.from_json(make_manifest().to_json().replace('"nprobe"', '"nprobes"'))
