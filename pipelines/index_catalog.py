@@ -57,12 +57,16 @@ class IndexOptions(PipelineOptions):
         parser.add_argument("--num_shards", type=int, default=4, help="shards of each index")
         parser.add_argument("--batch_size", type=int, default=64, help="largest inference batch")
         parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="inference device")
-        parser.add_argument("--index_factory", default=None,
-                            help="force a faiss factory string (default: chosen from the number of vectors)")
+        parser.add_argument(
+            "--index_factory",
+            default=None,
+            help="force a faiss factory string (default: chosen from the number of vectors)",
+        )
         parser.add_argument("--nprobe", type=int, default=None, help="IVF lists probed at query time")
         parser.add_argument("--train_sample_size", type=int, default=65536, help="vectors sampled to train the index")
-        parser.add_argument("--feature_shards", type=int, default=0,
-                            help="Parquet files per run (0: let the runner decide)")
+        parser.add_argument(
+            "--feature_shards", type=int, default=0, help="Parquet files per run (0: let the runner decide)"
+        )
         parser.add_argument("--run_id", default=None, help="run id (default: UTC timestamp + random suffix)")
 
 
@@ -97,8 +101,19 @@ class IndexConfig:
         run_id = o.run_id or dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ-") + secrets.token_hex(3)
         if not run_id.replace("-", "").replace("_", "").isalnum():
             raise ValueError(f"--run_id {run_id!r}: use letters, digits, '-' and '_' only")
-        return cls(o.catalog, o.output.rstrip("/"), o.bundle, o.num_shards, o.batch_size, o.device,
-                   o.index_factory, o.nprobe, o.train_sample_size, o.feature_shards, run_id)
+        return cls(
+            o.catalog,
+            o.output.rstrip("/"),
+            o.bundle,
+            o.num_shards,
+            o.batch_size,
+            o.device,
+            o.index_factory,
+            o.nprobe,
+            o.train_sample_size,
+            o.feature_shards,
+            run_id,
+        )
 
     @property
     def generation(self) -> str:
@@ -113,22 +128,37 @@ def build_pipeline(p: beam.Pipeline, config: IndexConfig, bundle: BundleConfig) 
 
     rows, bad_rows = p | "ReadCatalog" >> ReadCatalog(config.catalog, config.run_id)
     decoded, bad_images = rows | "ReadAndDecode" >> ReadAndDecode(bundle.preprocessing, config.run_id)
-    features, failed = decoded | "Embed" >> Embed(config.bundle, config.device, config.batch_size, config.run_id,
-                                                   indexed_at)
+    features, failed = decoded | "Embed" >> Embed(
+        config.bundle, config.device, config.batch_size, config.run_id, indexed_at
+    )
     dead = (bad_rows, bad_images, failed) | "AllDeadLetters" >> beam.Flatten()
 
-    feature_files = features | "WriteFeatures" >> WriteTable(config.output, "features", config.run_id, schema,
-                                                             config.feature_shards)
-    dead_files = dead | "WriteDeadLetter" >> WriteTable(config.output, "dead_letter", config.run_id,
-                                                        DEAD_LETTER_SCHEMA, 1)
+    feature_files = features | "WriteFeatures" >> WriteTable(
+        config.output, "features", config.run_id, schema, config.feature_shards
+    )
+    dead_files = dead | "WriteDeadLetter" >> WriteTable(
+        config.output, "dead_letter", config.run_id, DEAD_LETTER_SCHEMA, 1
+    )
     dead_count = dead | "CountDeadLetters" >> beam.combiners.Count.Globally()
     shards, spec = features | "BuildIndex" >> BuildIndex(
-        rio.join(config.output, generation_rel), generation_rel, num_shards=config.num_shards,
-        dim=bundle.embedding_dim, hash_bits=bundle.hash_bits, factory=config.index_factory, nprobe=config.nprobe,
-        train_sample_size=config.train_sample_size)
+        rio.join(config.output, generation_rel),
+        generation_rel,
+        num_shards=config.num_shards,
+        dim=bundle.embedding_dim,
+        hash_bits=bundle.hash_bits,
+        factory=config.index_factory,
+        nprobe=config.nprobe,
+        train_sample_size=config.train_sample_size,
+    )
     _ = (shards, spec, feature_files, dead_files, dead_count) | "Publish" >> Publish(
-        output_root=config.output, generation=config.generation, run_id=config.run_id, model_id=bundle.model_id,
-        model_name=bundle.model_name, dim=bundle.embedding_dim, hash_bits=bundle.hash_bits)
+        output_root=config.output,
+        generation=config.generation,
+        run_id=config.run_id,
+        model_id=bundle.model_id,
+        model_name=bundle.model_name,
+        dim=bundle.embedding_dim,
+        hash_bits=bundle.hash_bits,
+    )
 
 
 def _counters(result) -> dict[str, int]:
@@ -167,8 +197,10 @@ def run(argv: list[str] | None = None) -> dict:
         "counters": _counters(result),
         "wall_s": round(time.time() - started, 3),
     }
-    rio.write_bytes_atomic(rio.join(config.output, "runs", f"{config.run_id}.json"),
-                           (json.dumps(report, indent=2, default=str) + "\n").encode())
+    rio.write_bytes_atomic(
+        rio.join(config.output, "runs", f"{config.run_id}.json"),
+        (json.dumps(report, indent=2, default=str) + "\n").encode(),
+    )
     return report
 
 
@@ -180,8 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     report = run(argv if argv is not None else sys.argv[1:])
     c = report["counts"]
-    print(f"run {report['run_id']}: {c['indexed']} indexed, {c['dead_letter']} dead-letter rows "
-          f"(of {c['catalog_rows']} parsed catalog rows) in {report['wall_s']:.1f} s")
+    print(
+        f"run {report['run_id']}: {c['indexed']} indexed, {c['dead_letter']} dead-letter rows "
+        f"(of {c['catalog_rows']} parsed catalog rows) in {report['wall_s']:.1f} s"
+    )
     print(f"published {report['manifest']}")
     return 0
 

@@ -49,8 +49,10 @@ def evaluate_index(output: str, bundle_dir: str, catalog_csv: str, ks=(1, 10)) -
     targets = np.array([rows[q]["product_id"] for q in queries])
     emb, codes = searcher.features_of(queries)
     out = {"queries": len(queries), "gallery": int(len(shop_ids))}
-    for mode, result in (("vector", searcher.search_vectors(emb, max(ks), allowed_ids=shop_ids)),
-                         ("hamming", searcher.search_codes(codes, max(ks), allowed_ids=shop_ids))):
+    for mode, result in (
+        ("vector", searcher.search_vectors(emb, max(ks), allowed_ids=shop_ids)),
+        ("hamming", searcher.search_codes(codes, max(ks), allowed_ids=shop_ids)),
+    ):
         ranked = np.array([[rows[i]["product_id"] if i else "" for i in r] for r in result.item_ids])
         for k in ks:
             out[f"{mode}_recall_at_{k}"] = round(recall_at_k(ranked, targets, k), 4)
@@ -62,9 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     started = time.time()
     art = args.artifacts
-    catalog = generate_catalog(os.path.join(art, "catalog"),
-                               SyntheticConfig(products_per_category=args.products_per_category,
-                                               consumer_views=args.consumer_views, seed=0), progress=True)
+    catalog = generate_catalog(
+        os.path.join(art, "catalog"),
+        SyntheticConfig(products_per_category=args.products_per_category, consumer_views=args.consumer_views, seed=0),
+        progress=True,
+    )
     print(f"catalog: {catalog}")
 
     bundle_dir = os.path.join(art, "bundles", "baseline")
@@ -77,8 +81,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bundle: cached at {bundle_dir} (make train-baseline to retrain)")
 
     output = os.path.join(art, "output")
-    report = run_pipeline([f"--catalog={catalog}", f"--output={output}", f"--bundle={bundle_dir}",
-                           f"--runner={args.runner}", f"--num_shards={args.num_shards}"])
+    report = run_pipeline(
+        [
+            f"--catalog={catalog}",
+            f"--output={output}",
+            f"--bundle={bundle_dir}",
+            f"--runner={args.runner}",
+            f"--num_shards={args.num_shards}",
+        ]
+    )
     evaluation = evaluate_index(output, bundle_dir, str(catalog))
     with open(os.path.join(art, "index_report.json"), "w") as f:
         json.dump({"run": report, "evaluation": evaluation}, f, indent=2, default=str)
@@ -89,14 +100,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"catalog rows     {c['catalog_rows']}  ->  indexed {c['indexed']}, dead-letter {c['dead_letter']}")
     print(f"features         {output}/features/run={report['run_id']}/")
     print(f"dead letter      {output}/dead_letter/run={report['run_id']}/")
-    print(f"index            {gen_dir}/  ({report['index']['vector_factory']} + "
-          f"{report['index']['binary_factory']}, {args.num_shards} shards)")
+    print(
+        f"index            {gen_dir}/  ({report['index']['vector_factory']} + "
+        f"{report['index']['binary_factory']}, {args.num_shards} shards)"
+    )
     print(f"published        {output}/CURRENT -> {report['generation']}")
     print(f"run report       {output}/runs/{report['run_id']}.json")
     print(f"recall (consumer view -> shop view, {evaluation['queries']} queries, {evaluation['gallery']} shop views):")
     for mode in ("vector", "hamming"):
-        print(f"  {mode:8s} recall@1 {evaluation[f'{mode}_recall_at_1']:.3f}   "
-              f"recall@10 {evaluation[f'{mode}_recall_at_10']:.3f}")
+        print(
+            f"  {mode:8s} recall@1 {evaluation[f'{mode}_recall_at_1']:.3f}   "
+            f"recall@10 {evaluation[f'{mode}_recall_at_10']:.3f}"
+        )
     if evaluation["example_query"]:
         print(f"try: .venv/bin/retrieval-search --index {output} --item {evaluation['example_query']} --k 5")
     return 0

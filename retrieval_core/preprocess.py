@@ -86,9 +86,7 @@ class DecodedImage:
     extra: dict = field(default_factory=dict)
 
 
-def decode_image(
-    data: bytes, prep: Preprocessing | None = None, limits: DecodeLimits | None = None
-) -> DecodedImage:
+def decode_image(data: bytes, prep: Preprocessing | None = None, limits: DecodeLimits | None = None) -> DecodedImage:
     """Decode untrusted bytes into RGB pixels, resized for ``prep`` when given.
 
     Handles EXIF orientation, CMYK, greyscale, palette and alpha (composited on
@@ -208,9 +206,7 @@ def to_model_input(pixels: np.ndarray, prep: Preprocessing) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
-def load_image_file(
-    path: str, prep: Preprocessing | None = None, limits: DecodeLimits | None = None
-) -> DecodedImage:
+def load_image_file(path: str, prep: Preprocessing | None = None, limits: DecodeLimits | None = None) -> DecodedImage:
     """Read and decode one local or remote (Beam filesystem) image."""
     from retrieval_core.io import read_bytes
 

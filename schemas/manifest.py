@@ -64,9 +64,7 @@ class Manifest:
 
     def all_files(self) -> tuple[FileEntry, ...]:
         """Every file the manifest vouches for."""
-        return (
-            self.vector_shards + self.hamming_shards + self.id_files + self.feature_files + self.dead_letter_files
-        )
+        return self.vector_shards + self.hamming_shards + self.id_files + self.feature_files + self.dead_letter_files
 
     def validate(self) -> Manifest:
         """Check internal consistency; return self or raise ``ManifestError``."""

@@ -17,8 +17,13 @@ from retrieval_core.preprocess import Preprocessing
 
 LOCAL_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
 
-TINY_CONFIG = {"embedding_dim": 16, "hash_bits": 16, "num_categories": 3, "attribute_classes": {"colour": 2},
-               "widths": [4, 8, 8, 8]}
+TINY_CONFIG = {
+    "embedding_dim": 16,
+    "hash_bits": 16,
+    "num_categories": 3,
+    "attribute_classes": {"colour": 2},
+    "widths": [4, 8, 8, 8],
+}
 
 
 def make_tiny_bundle(path: str, seed: int = 0) -> BundleConfig:
@@ -35,8 +40,13 @@ def make_tiny_bundle(path: str, seed: int = 0) -> BundleConfig:
             model(torch.randn(32, 3, 32, 32))
     model.eval()
     config = BundleConfig(
-        model_name="baseline_cnn", model_config=TINY_CONFIG, preprocessing=Preprocessing(image_size=32),
-        embedding_dim=16, hash_bits=16, categories=("a", "b", "c"), attributes={"colour": ("red", "blue")},
+        model_name="baseline_cnn",
+        model_config=TINY_CONFIG,
+        preprocessing=Preprocessing(image_size=32),
+        embedding_dim=16,
+        hash_bits=16,
+        categories=("a", "b", "c"),
+        attributes={"colour": ("red", "blue")},
         training={"note": f"untrained test bundle, seed {seed}"},
     )
     return save_bundle(path, model, config)

@@ -34,12 +34,14 @@ def test_encoder_outputs(tmp_path):
     np.testing.assert_allclose(np.linalg.norm(out.embeddings, axis=1), 1.0, rtol=1e-5)
     assert set(out.category) <= {"a", "b", "c"} and all(set(a) == {"colour"} for a in out.attributes)
     # Batching does not change results.
-    single = np.concatenate([enc.encode(pixels[i:i + 1]).embeddings for i in range(5)])
+    single = np.concatenate([enc.encode(pixels[i : i + 1]).embeddings for i in range(5)])
     np.testing.assert_allclose(single, out.embeddings, atol=1e-5)
 
 
 def test_pack_codes_bit_order():
-    assert pack_codes(np.array([[1, -1, -1, -1, -1, -1, -1, 0.5, -1, -1, -1, -1, -1, -1, -1, -1]])).tolist() == [[129, 0]]
+    assert pack_codes(np.array([[1, -1, -1, -1, -1, -1, -1, 0.5, -1, -1, -1, -1, -1, -1, -1, -1]])).tolist() == [
+        [129, 0]
+    ]
 
 
 def test_tampered_weights_are_refused(tmp_path):
@@ -74,7 +76,9 @@ def test_pickled_code_in_weights_is_not_executed(tmp_path):
     torch.save({"x": Evil()}, tmp_path / "a" / "weights.pt")
     # Re-sign the bundle so the digest check passes and torch.load itself is what must refuse.
     config = read_bundle_config(str(tmp_path / "a"))
-    config = dataclasses.replace(config, model_id=compute_model_id(config, (tmp_path / "a" / "weights.pt").read_bytes()))
+    config = dataclasses.replace(
+        config, model_id=compute_model_id(config, (tmp_path / "a" / "weights.pt").read_bytes())
+    )
     (tmp_path / "a" / "bundle.json").write_text(config.to_json())
     with pytest.raises(BundleError, match="cannot load weights"):
         load_bundle(str(tmp_path / "a"))

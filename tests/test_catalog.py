@@ -64,15 +64,27 @@ def _normalised(path: str) -> list[dict]:
 
 def _expected(base: str) -> list[dict]:
     return [
-        {"item_id": "a1", "image_uri": os.path.join(base, "images/a1.jpg"),
-         "catalog": {"product_id": "p1", "price": "10"}},
-        {"item_id": "a2", "image_uri": os.path.join(base, "images/sub dir/a2.png"),
-         "catalog": {"product_id": "p1", "price": "12"}},
-        {"item_id": "ü-日本-42", "image_uri": os.path.join(base, "bilder/größe.jpg"),
-         "catalog": {"product_id": "p2", "price": "7"}},
+        {
+            "item_id": "a1",
+            "image_uri": os.path.join(base, "images/a1.jpg"),
+            "catalog": {"product_id": "p1", "price": "10"},
+        },
+        {
+            "item_id": "a2",
+            "image_uri": os.path.join(base, "images/sub dir/a2.png"),
+            "catalog": {"product_id": "p1", "price": "12"},
+        },
+        {
+            "item_id": "ü-日本-42",
+            "image_uri": os.path.join(base, "bilder/größe.jpg"),
+            "catalog": {"product_id": "p2", "price": "7"},
+        },
         {"item_id": "abs", "image_uri": "/data/photos/abs.jpg", "catalog": {"product_id": "p3", "price": "0"}},
-        {"item_id": "remote", "image_uri": "gs://bucket/cat/remote.jpg",
-         "catalog": {"product_id": "p3", "price": "99"}},
+        {
+            "item_id": "remote",
+            "image_uri": "gs://bucket/cat/remote.jpg",
+            "catalog": {"product_id": "p3", "price": "99"},
+        },
     ]
 
 
@@ -81,8 +93,16 @@ def _expected(base: str) -> list[dict]:
 
 @pytest.mark.parametrize(
     "path, fmt",
-    [("c.csv", "csv"), ("C.CSV", "csv"), ("c.jsonl", "jsonl"), ("c.ndjson", "jsonl"), ("c.json", "jsonl"),
-     ("c.parquet", "parquet"), ("c.pq", "parquet"), ("gs://b/dir.v2/c.parquet", "parquet")],
+    [
+        ("c.csv", "csv"),
+        ("C.CSV", "csv"),
+        ("c.jsonl", "jsonl"),
+        ("c.ndjson", "jsonl"),
+        ("c.json", "jsonl"),
+        ("c.parquet", "parquet"),
+        ("c.pq", "parquet"),
+        ("gs://b/dir.v2/c.parquet", "parquet"),
+    ],
 )
 def test_catalog_format_from_extension(path, fmt):
     """Oracle: the extension table in the docstring."""
@@ -93,8 +113,11 @@ def test_same_catalog_in_csv_jsonl_parquet_gives_same_rows(tmp_path):
     """Oracle: hand-written normalised rows; all three formats must produce exactly them, in order."""
     base = str(tmp_path)
     csv_rows = [{k: str(v) for k, v in r.items()} for r in ROWS]
-    paths = [_write_csv(tmp_path / "cat.csv", csv_rows), _write_jsonl(tmp_path / "cat.jsonl", ROWS),
-             _write_parquet(tmp_path / "cat.parquet", ROWS)]
+    paths = [
+        _write_csv(tmp_path / "cat.csv", csv_rows),
+        _write_jsonl(tmp_path / "cat.jsonl", ROWS),
+        _write_parquet(tmp_path / "cat.parquet", ROWS),
+    ]
     expected = _expected(base)
     for path in paths:
         assert _normalised(path) == expected, path
@@ -237,8 +260,10 @@ def test_missing_required_field_gives_reason(row, field):
 
 def test_parquet_null_fields_and_extras(tmp_path):
     """Oracle: null required fields give a reason; null extras are dropped, others become strings."""
-    rows = [{"item_id": "a", "image_uri": "a.jpg", "size": 3, "note": None},
-            {"item_id": None, "image_uri": "b.jpg", "size": 4, "note": "x"}]
+    rows = [
+        {"item_id": "a", "image_uri": "a.jpg", "size": 3, "note": None},
+        {"item_id": None, "image_uri": "b.jpg", "size": 4, "note": "x"},
+    ]
     path = _write_parquet(tmp_path / "cat.parquet", rows)
     (_, r1, _), (_, r2, _) = iter_raw_rows(path)
     assert normalise_row(r1, str(tmp_path))[0]["catalog"] == {"size": "3"}
@@ -310,15 +335,27 @@ def test_read_catalog_keeps_first_duplicate_and_loses_nothing(tmp_path):
         kept = rows | "Kept" >> beam.Map(lambda r: (r["item_id"], os.path.basename(r["image_uri"]), r["row_number"]))
         assert_that(kept, equal_to([("a", "a1.jpg", 2), ("b", "b1.jpg", 3), ("c", "c1.jpg", 5)]), label="rows")
         dead_keys = dead | "DeadKeys" >> beam.Map(
-            lambda d: (d["item_id"], d["stage"], d["error_type"], d["run_id"],
-                       os.path.basename(d["image_uri"]) if d["image_uri"] else None))
-        assert_that(dead_keys, equal_to([
-            ("a", "read_catalog", "duplicate_item_id", "run1", "a2.jpg"),
-            ("a", "read_catalog", "duplicate_item_id", "run1", "a3.jpg"),
-            ("b", "read_catalog", "duplicate_item_id", "run1", "b2.jpg"),
-            ("d", "read_catalog", "missing_field", "run1", None),
-            (None, "read_catalog", "malformed_row", "run1", None),
-        ]), label="dead")
+            lambda d: (
+                d["item_id"],
+                d["stage"],
+                d["error_type"],
+                d["run_id"],
+                os.path.basename(d["image_uri"]) if d["image_uri"] else None,
+            )
+        )
+        assert_that(
+            dead_keys,
+            equal_to(
+                [
+                    ("a", "read_catalog", "duplicate_item_id", "run1", "a2.jpg"),
+                    ("a", "read_catalog", "duplicate_item_id", "run1", "a3.jpg"),
+                    ("b", "read_catalog", "duplicate_item_id", "run1", "b2.jpg"),
+                    ("d", "read_catalog", "missing_field", "run1", None),
+                    (None, "read_catalog", "malformed_row", "run1", None),
+                ]
+            ),
+            label="dead",
+        )
         total = (rows, dead) | "All" >> beam.Flatten() | "Count" >> beam.combiners.Count.Globally()
         assert_that(total, equal_to([n_input]), label="nothing_lost")
 
@@ -330,5 +367,8 @@ def test_read_catalog_dead_letter_item_ids_are_strings(tmp_path):
     with beam.Pipeline(runner=LOCAL_RUNNER) as p:
         rows, dead = p | ReadCatalog(path, "run1")
         assert_that(rows | "Ids" >> beam.Map(lambda r: r["item_id"]), equal_to(["ok"]), label="rows")
-        assert_that(dead | "DeadIds" >> beam.Map(lambda d: (d["item_id"], d["error_type"])),
-                    equal_to([("42", "missing_field"), (None, "malformed_row")]), label="dead")
+        assert_that(
+            dead | "DeadIds" >> beam.Map(lambda d: (d["item_id"], d["error_type"])),
+            equal_to([("42", "missing_field"), (None, "malformed_row")]),
+            label="dead",
+        )

@@ -23,8 +23,16 @@ def clustered(n: int, dim: int, seed: int, clusters: int = 50) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def build_generation(root: str, emb: np.ndarray, codes: np.ndarray, num_shards: int, factory: str | None = None,
-                     generation: str = "g1", nprobe: int | None = None, model_id: str = "m-1") -> list[str]:
+def build_generation(
+    root: str,
+    emb: np.ndarray,
+    codes: np.ndarray,
+    num_shards: int,
+    factory: str | None = None,
+    generation: str = "g1",
+    nprobe: int | None = None,
+    model_id: str = "m-1",
+) -> list[str]:
     """What the Beam graph does, done by hand: train on all vectors, fill shards, publish."""
     item_ids = [f"it{i:06d}" for i in range(len(emb))]
     spec = choose_spec(len(emb), factory, nprobe)
@@ -33,11 +41,24 @@ def build_generation(root: str, emb: np.ndarray, codes: np.ndarray, num_shards: 
     for i, item in enumerate(item_ids):
         by_shard[shard_of(item, num_shards)].append((item, "0" * 64, emb[i], codes[i].tobytes()))
     rel = f"indices/{generation}"
-    results = [write_shard(os.path.join(root, rel), rel, s, num_shards, items, spec, trained, emb.shape[1],
-                           codes.shape[1] * 8) for s, items in by_shard.items()]
-    manifest = build_manifest(output_root=root, generation=generation, run_id=generation, model_id=model_id,
-                              model_name="test", dim=emb.shape[1], hash_bits=codes.shape[1] * 8, spec=spec,
-                              shard_results=results, feature_files=[], dead_letter_files=[], counts={})
+    results = [
+        write_shard(os.path.join(root, rel), rel, s, num_shards, items, spec, trained, emb.shape[1], codes.shape[1] * 8)
+        for s, items in by_shard.items()
+    ]
+    manifest = build_manifest(
+        output_root=root,
+        generation=generation,
+        run_id=generation,
+        model_id=model_id,
+        model_name="test",
+        dim=emb.shape[1],
+        hash_bits=codes.shape[1] * 8,
+        spec=spec,
+        shard_results=results,
+        feature_files=[],
+        dead_letter_files=[],
+        counts={},
+    )
     publish(root, manifest)
     return item_ids
 
@@ -93,8 +114,10 @@ def test_allowed_ids_restrict_the_gallery(binary_generation):
     root, emb, codes, _ = binary_generation
     searcher = Searcher.open(root)
     allowed = np.arange(0, searcher.ntotal, 7)
-    for result in (searcher.search_vectors(emb[:10], 5, allowed_ids=allowed),
-                   searcher.search_codes(codes[:10], 5, allowed_ids=allowed)):
+    for result in (
+        searcher.search_vectors(emb[:10], 5, allowed_ids=allowed),
+        searcher.search_codes(codes[:10], 5, allowed_ids=allowed),
+    ):
         assert set(result.ids.ravel().tolist()) <= set(allowed.tolist())
 
 

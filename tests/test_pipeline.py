@@ -20,8 +20,17 @@ from schemas import DEAD_LETTER_SCHEMA, ManifestError, check_schema_version, fea
 
 
 def _run(catalog: str, out: str, bundle: str, *extra: str) -> dict:
-    return run([f"--catalog={catalog}", f"--output={out}", f"--bundle={bundle}", f"--runner={LOCAL_RUNNER}",
-                "--num_shards=3", "--batch_size=8", *extra])
+    return run(
+        [
+            f"--catalog={catalog}",
+            f"--output={out}",
+            f"--bundle={bundle}",
+            f"--runner={LOCAL_RUNNER}",
+            "--num_shards=3",
+            "--batch_size=8",
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")

@@ -24,10 +24,25 @@ SHA = "a" * 64
 
 def feature_rows(n: int, dim: int, bits: int) -> list[dict]:
     now = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
-    return [{"item_id": f"i{i}", "image_uri": f"gs://b/{i}.jpg", "content_sha256": SHA, "model_id": "m",
-             "embedding": [float(i)] * dim, "hash_code": bytes([i % 256]) * (bits // 8), "category": "dress",
-             "category_score": 0.5, "attributes": [("colour", "red")], "width": 10, "height": 20,
-             "catalog": [("product_id", "p1")], "run_id": "r", "indexed_at": now} for i in range(n)]
+    return [
+        {
+            "item_id": f"i{i}",
+            "image_uri": f"gs://b/{i}.jpg",
+            "content_sha256": SHA,
+            "model_id": "m",
+            "embedding": [float(i)] * dim,
+            "hash_code": bytes([i % 256]) * (bits // 8),
+            "category": "dress",
+            "category_score": 0.5,
+            "attributes": [("colour", "red")],
+            "width": 10,
+            "height": 20,
+            "catalog": [("product_id", "p1")],
+            "run_id": "r",
+            "indexed_at": now,
+        }
+        for i in range(n)
+    ]
 
 
 def test_feature_table_round_trip(tmp_path):
@@ -58,8 +73,16 @@ def test_wrong_embedding_length_is_refused():
 
 
 def test_dead_letter_round_trip(tmp_path):
-    row = {"item_id": None, "image_uri": "x", "stage": "decode", "error_type": "empty", "error_message": "zero",
-           "row_json": "{}", "run_id": "r", "at": dt.datetime.now(dt.UTC)}
+    row = {
+        "item_id": None,
+        "image_uri": "x",
+        "stage": "decode",
+        "error_type": "empty",
+        "error_message": "zero",
+        "row_json": "{}",
+        "run_id": "r",
+        "at": dt.datetime.now(dt.UTC),
+    }
     pq.write_table(pa.Table.from_pylist([row], schema=DEAD_LETTER_SCHEMA), tmp_path / "d.parquet")
     assert pq.read_table(tmp_path / "d.parquet").to_pylist()[0]["item_id"] is None
 
@@ -72,13 +95,30 @@ def test_schema_version_check():
         check_schema_version(None, what="x")
 
 
+def shards(kind: str) -> tuple[FileEntry, ...]:
+    return tuple(
+        FileEntry(f"indices/g/{kind}/s{i}", SHA, 10, rows=r, offset=o) for i, (r, o) in enumerate([(3, 0), (2, 3)])
+    )
+
+
 def make_manifest(**overrides) -> Manifest:
-    shards = lambda kind: tuple(FileEntry(f"indices/g/{kind}/s{i}", SHA, 10, rows=r, offset=o)  # noqa: E731
-                                for i, (r, o) in enumerate([(3, 0), (2, 3)]))
-    fields = dict(generation="g", run_id="g", created_at="2026-01-01T00:00:00+00:00", model_id="m-1",
-                  model_name="baseline_cnn", embedding_dim=128, hash_bits=64, metric="inner_product",
-                  vector_factory="Flat", binary_factory="BFlat", nprobe=1, vector_shards=shards("vectors"),
-                  hamming_shards=shards("hamming"), id_files=shards("ids"), counts={"indexed": 5})
+    fields = dict(
+        generation="g",
+        run_id="g",
+        created_at="2026-01-01T00:00:00+00:00",
+        model_id="m-1",
+        model_name="baseline_cnn",
+        embedding_dim=128,
+        hash_bits=64,
+        metric="inner_product",
+        vector_factory="Flat",
+        binary_factory="BFlat",
+        nprobe=1,
+        vector_shards=shards("vectors"),
+        hamming_shards=shards("hamming"),
+        id_files=shards("ids"),
+        counts={"indexed": 5},
+    )
     return Manifest(**{**fields, **overrides})
 
 
@@ -88,14 +128,17 @@ def test_manifest_round_trip():
     assert back == m and back.ntotal == 5 and back.schema_version == SCHEMA_VERSION
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(model_id=""), "no model_id"),
-    (dict(hash_bits=60), "bad dimensions"),
-    (dict(metric="cosine"), "metric"),
-    (dict(counts={"indexed": 6}), "counts.indexed"),
-    (dict(hamming_shards=()), "shard lists disagree"),
-    (dict(schema_version="2.0.0"), "incompatible"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(model_id=""), "no model_id"),
+        (dict(hash_bits=60), "bad dimensions"),
+        (dict(metric="cosine"), "metric"),
+        (dict(counts={"indexed": 6}), "counts.indexed"),
+        (dict(hamming_shards=()), "shard lists disagree"),
+        (dict(schema_version="2.0.0"), "incompatible"),
+    ],
+)
 def test_manifest_validation(change, message):
     with pytest.raises(ManifestError, match=message):
         make_manifest(**change).validate()

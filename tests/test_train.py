@@ -13,9 +13,19 @@ from retrieval_core.train.baseline import TrainConfig
 
 
 def tiny_config(tmp_path, name: str) -> TrainConfig:
-    return TrainConfig(out=str(tmp_path / name), data=str(tmp_path / "data"), products_per_category=2,
-                       consumer_views=1, image_size=32, embedding_dim=16, hash_bits=16, widths=(4, 8, 8, 8),
-                       epochs=3, batch_products=4, threads=1)
+    return TrainConfig(
+        out=str(tmp_path / name),
+        data=str(tmp_path / "data"),
+        products_per_category=2,
+        consumer_views=1,
+        image_size=32,
+        embedding_dim=16,
+        hash_bits=16,
+        widths=(4, 8, 8, 8),
+        epochs=3,
+        batch_products=4,
+        threads=1,
+    )
 
 
 def test_training_writes_a_bundle_and_resumes_exactly(tmp_path, monkeypatch):

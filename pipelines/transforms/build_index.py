@@ -40,8 +40,17 @@ class _FillShardFn(beam.DoFn):
         shard, items = keyed
         spec, empty_index = trained
         items = [i for i in items if i is not None]
-        yield write_shard(self.generation_dir, self.generation_rel, shard, self.num_shards, items, spec,
-                          empty_index, self.dim, self.hash_bits)
+        yield write_shard(
+            self.generation_dir,
+            self.generation_rel,
+            shard,
+            self.num_shards,
+            items,
+            spec,
+            empty_index,
+            self.dim,
+            self.hash_bits,
+        )
         self.vectors_added.inc(len(items))
 
 
@@ -57,8 +66,18 @@ class BuildIndex(beam.PTransform):
         train_sample_size: vectors sampled to train the quantiser.
     """
 
-    def __init__(self, generation_dir: str, generation_rel: str, *, num_shards: int, dim: int, hash_bits: int,
-                 factory: str | None = None, nprobe: int | None = None, train_sample_size: int = 65536) -> None:
+    def __init__(
+        self,
+        generation_dir: str,
+        generation_rel: str,
+        *,
+        num_shards: int,
+        dim: int,
+        hash_bits: int,
+        factory: str | None = None,
+        nprobe: int | None = None,
+        train_sample_size: int = 65536,
+    ) -> None:
         super().__init__()
         self.generation_dir, self.generation_rel = generation_dir, generation_rel
         self.num_shards, self.dim, self.hash_bits = num_shards, dim, hash_bits
@@ -71,8 +90,10 @@ class BuildIndex(beam.PTransform):
         trained = (
             slim
             | "Sample" >> beam.combiners.Sample.FixedSizeGlobally(self.train_sample_size)
-            | "Train" >> beam.Map(_train, count=beam.pvalue.AsSingleton(count), dim=self.dim, factory=self.factory,
-                                  nprobe=self.nprobe)
+            | "Train"
+            >> beam.Map(
+                _train, count=beam.pvalue.AsSingleton(count), dim=self.dim, factory=self.factory, nprobe=self.nprobe
+            )
         )
         # Every shard exists even when no item hashes to it, so the manifest always lists num_shards shards.
         placeholders = slim.pipeline | "AllShards" >> beam.Create([(s, None) for s in range(n)])
@@ -81,9 +102,11 @@ class BuildIndex(beam.PTransform):
             (keyed, placeholders)
             | "WithAllShards" >> beam.Flatten()
             | "GroupByShard" >> beam.GroupByKey()
-            | "FillShards" >> beam.ParDo(_FillShardFn(self.generation_dir, self.generation_rel, n, self.dim,
-                                                      self.hash_bits),
-                                         trained=beam.pvalue.AsSingleton(trained))
+            | "FillShards"
+            >> beam.ParDo(
+                _FillShardFn(self.generation_dir, self.generation_rel, n, self.dim, self.hash_bits),
+                trained=beam.pvalue.AsSingleton(trained),
+            )
         )
         spec = trained | "Spec" >> beam.Map(lambda t: t[0])
         return shards, spec

@@ -84,8 +84,11 @@ def normalise_row(row: dict, base_dir: str) -> tuple[dict | None, str | None]:
         if value is None or (isinstance(value, str) and not value.strip()):
             return None, f"{name} is missing or empty"
     extra = {str(k): str(v) for k, v in row.items() if k not in REQUIRED_CATALOG_COLUMNS and v is not None}
-    return {"item_id": str(item_id).strip(), "image_uri": rio.resolve(str(uri).strip(), base_dir),
-            "catalog": extra}, None
+    return {
+        "item_id": str(item_id).strip(),
+        "image_uri": rio.resolve(str(uri).strip(), base_dir),
+        "catalog": extra,
+    }, None
 
 
 class _ParseCatalogFn(beam.DoFn):
@@ -103,8 +106,14 @@ class _ParseCatalogFn(beam.DoFn):
                 self.bad.inc()
                 kind = "malformed_row" if raw is None else "missing_field"
                 item_id = (raw or {}).get("item_id")  # may be a number in JSONL/Parquet; the table wants a string
-                yield tagged_dead_letter("read_catalog", kind, f"line {n}: {error}", run_id=self.run_id,
-                                         item_id=None if item_id is None else str(item_id), row=raw)
+                yield tagged_dead_letter(
+                    "read_catalog",
+                    kind,
+                    f"line {n}: {error}",
+                    run_id=self.run_id,
+                    item_id=None if item_id is None else str(item_id),
+                    row=raw,
+                )
                 continue
             self.rows.inc()
             yield {**row, "row_number": n}
@@ -122,9 +131,14 @@ class _DropDuplicatesFn(beam.DoFn):
         for dup in rows[1:]:
             self.duplicates.inc()
             yield tagged_dead_letter(
-                "read_catalog", "duplicate_item_id",
+                "read_catalog",
+                "duplicate_item_id",
                 f"item_id {item_id!r} on line {dup['row_number']} repeats line {rows[0]['row_number']}; first kept",
-                run_id=self.run_id, item_id=item_id, image_uri=dup["image_uri"], row=dup)
+                run_id=self.run_id,
+                item_id=item_id,
+                image_uri=dup["image_uri"],
+                row=dup,
+            )
 
 
 class ReadCatalog(beam.PTransform):
@@ -145,8 +159,7 @@ class ReadCatalog(beam.PTransform):
             parsed.rows
             | "KeyByItemId" >> beam.Map(lambda r: (r["item_id"], r))
             | "GroupByItemId" >> beam.GroupByKey()
-            | "DropDuplicates" >> beam.ParDo(_DropDuplicatesFn(self.run_id)).with_outputs(DEAD_LETTER_TAG,
-                                                                                         main="rows")
+            | "DropDuplicates" >> beam.ParDo(_DropDuplicatesFn(self.run_id)).with_outputs(DEAD_LETTER_TAG, main="rows")
         )
         dead = (parsed[DEAD_LETTER_TAG], deduped[DEAD_LETTER_TAG]) | "FlattenDeadLetters" >> beam.Flatten()
         return deduped.rows, dead

@@ -12,8 +12,16 @@ from schemas import DEAD_LETTER_STAGES
 DEAD_LETTER_TAG = "dead_letter"
 
 
-def dead_letter_row(stage: str, error_type: str, message: str, *, run_id: str, item_id: str | None = None,
-                    image_uri: str | None = None, row: dict | None = None) -> dict:
+def dead_letter_row(
+    stage: str,
+    error_type: str,
+    message: str,
+    *,
+    run_id: str,
+    item_id: str | None = None,
+    image_uri: str | None = None,
+    row: dict | None = None,
+) -> dict:
     """One row of the dead-letter table (``schemas.DEAD_LETTER_SCHEMA``)."""
     if stage not in DEAD_LETTER_STAGES:
         raise ValueError(f"unknown stage {stage!r}")

@@ -38,16 +38,24 @@ class _ReadAndDecodeFn(beam.DoFn):
             data = rio.read_bytes(uri)
         except Exception as e:  # any read failure is this row's problem only
             self.read_failed.inc()
-            yield tagged_dead_letter("read", read_error_type(e), f"{type(e).__name__}: {e}", run_id=self.run_id,
-                                     item_id=row["item_id"], image_uri=uri, row=row)
+            yield tagged_dead_letter(
+                "read",
+                read_error_type(e),
+                f"{type(e).__name__}: {e}",
+                run_id=self.run_id,
+                item_id=row["item_id"],
+                image_uri=uri,
+                row=row,
+            )
             return
         self.bytes_read.inc(len(data))
         try:
             decoded = decode_image(data, self.prep, self.limits)
         except DecodeError as e:
             self.decode_failed.inc()
-            yield tagged_dead_letter("decode", e.error_type, str(e), run_id=self.run_id, item_id=row["item_id"],
-                                     image_uri=uri, row=row)
+            yield tagged_dead_letter(
+                "decode", e.error_type, str(e), run_id=self.run_id, item_id=row["item_id"], image_uri=uri, row=row
+            )
             return
         self.decoded.inc()
         meta = {
@@ -70,5 +78,6 @@ class ReadAndDecode(beam.PTransform):
 
     def expand(self, rows):
         out = rows | "ReadDecode" >> beam.ParDo(_ReadAndDecodeFn(self.prep, self.limits, self.run_id)).with_outputs(
-            DEAD_LETTER_TAG, main="decoded")
+            DEAD_LETTER_TAG, main="decoded"
+        )
         return out.decoded, out[DEAD_LETTER_TAG]

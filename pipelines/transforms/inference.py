@@ -39,8 +39,9 @@ class BundleModelHandler(ModelHandler[np.ndarray, PredictionResult, Encoder]):
     def load_model(self) -> Encoder:
         return Encoder.from_bundle(self.bundle_dir, self.device)
 
-    def run_inference(self, batch: Sequence[np.ndarray], model: Encoder,
-                      inference_args: dict | None = None) -> Iterable[PredictionResult]:
+    def run_inference(
+        self, batch: Sequence[np.ndarray], model: Encoder, inference_args: dict | None = None
+    ) -> Iterable[PredictionResult]:
         encoded = model.encode(batch)
         for i in range(len(batch)):
             yield PredictionResult(
@@ -95,8 +96,14 @@ class _FailedBatchToDeadLetters(beam.DoFn):
         batch, error = failed
         for meta, _pixels in batch:
             self.failed.inc()
-            yield dead_letter_row("inference", type(error).__name__, str(error), run_id=self.run_id,
-                                  item_id=meta["item_id"], image_uri=meta["image_uri"])
+            yield dead_letter_row(
+                "inference",
+                type(error).__name__,
+                str(error),
+                run_id=self.run_id,
+                item_id=meta["item_id"],
+                image_uri=meta["image_uri"],
+            )
 
 
 class Embed(beam.PTransform):

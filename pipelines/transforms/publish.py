@@ -23,15 +23,21 @@ class Publish(beam.PTransform):
         fields = self.fields
 
         def _publish(_, shard_results, spec, feature_files, dead_letter_files, dead_count):
-            manifest = build_manifest(spec=spec, shard_results=shard_results, feature_files=feature_files,
-                                      dead_letter_files=dead_letter_files, counts={"dead_letter": dead_count},
-                                      **fields)
+            manifest = build_manifest(
+                spec=spec,
+                shard_results=shard_results,
+                feature_files=feature_files,
+                dead_letter_files=dead_letter_files,
+                counts={"dead_letter": dead_count},
+                **fields,
+            )
             return publish(fields["output_root"], manifest)
 
         return (
             shards.pipeline
             | "Once" >> beam.Create([None])
-            | "WriteManifestThenCurrent" >> beam.Map(
+            | "WriteManifestThenCurrent"
+            >> beam.Map(
                 _publish,
                 shard_results=beam.pvalue.AsList(shards),
                 spec=beam.pvalue.AsSingleton(spec),

@@ -19,8 +19,9 @@ def rank_by_score(scores: np.ndarray, k: int, higher_is_better: bool = True) -> 
     return order[:, :k]
 
 
-def consumer_to_shop_recall(embeddings: np.ndarray, codes: np.ndarray, product_ids: np.ndarray,
-                            views: np.ndarray, ks: tuple[int, ...] = (1, 10)) -> dict[str, float]:
+def consumer_to_shop_recall(
+    embeddings: np.ndarray, codes: np.ndarray, product_ids: np.ndarray, views: np.ndarray, ks: tuple[int, ...] = (1, 10)
+) -> dict[str, float]:
     """Recall@k of consumer views against the gallery of shop views (hit = same product).
 
     Returns keys ``recall_at_<k>`` (embeddings, cosine) and ``hamming_recall_at_<k>`` (codes).

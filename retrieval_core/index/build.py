@@ -113,9 +113,17 @@ def shard_name(kind: str, shard: int, num_shards: int, ext: str) -> str:
     return f"{kind}/shard-{shard:05d}-of-{num_shards:05d}.{ext}"
 
 
-def write_shard(generation_dir: str, generation_rel: str, shard: int, num_shards: int,
-                items: Sequence[tuple[str, str, np.ndarray, bytes]], spec: IndexSpec, trained: bytes,
-                dim: int, hash_bits: int) -> dict:
+def write_shard(
+    generation_dir: str,
+    generation_rel: str,
+    shard: int,
+    num_shards: int,
+    items: Sequence[tuple[str, str, np.ndarray, bytes]],
+    spec: IndexSpec,
+    trained: bytes,
+    dim: int,
+    hash_bits: int,
+) -> dict:
     """Fill and write one shard: float index, binary index and id file, each atomically.
 
     Args:
@@ -135,18 +143,29 @@ def write_shard(generation_dir: str, generation_rel: str, shard: int, num_shards
         codes = np.stack([np.frombuffer(t[3], np.uint8) for t in items])
     else:
         vectors, codes = np.zeros((0, dim), np.float32), np.zeros((0, hash_bits // 8), np.uint8)
-    ids = pa.table({"faiss_id": pa.array(range(len(items)), pa.int64()),
-                    "item_id": pa.array([t[0] for t in items], pa.string()),
-                    "content_sha256": pa.array([t[1] for t in items], pa.string())}, schema=IDS_SCHEMA)
+    ids = pa.table(
+        {
+            "faiss_id": pa.array(range(len(items)), pa.int64()),
+            "item_id": pa.array([t[0] for t in items], pa.string()),
+            "content_sha256": pa.array([t[1] for t in items], pa.string()),
+        },
+        schema=IDS_SCHEMA,
+    )
     buf = io.BytesIO()
     pq.write_table(ids, buf, compression="zstd")
-    files = (("vectors", "faiss", serialize_index(fill_vector_shard(trained, vectors, spec.nprobe))),
-             ("hamming", "faiss", serialize_index(fill_binary_shard(codes, hash_bits, spec.binary_factory))),
-             ("ids", "parquet", buf.getvalue()))
+    files = (
+        ("vectors", "faiss", serialize_index(fill_vector_shard(trained, vectors, spec.nprobe))),
+        ("hamming", "faiss", serialize_index(fill_binary_shard(codes, hash_bits, spec.binary_factory))),
+        ("ids", "parquet", buf.getvalue()),
+    )
     result: dict = {"shard": shard}
     for kind, ext, data in files:
         name = shard_name(kind, shard, num_shards, ext)
         rio.write_bytes_atomic(rio.join(generation_dir, name), data)
-        result[kind] = {"path": f"{generation_rel}/{name}", "sha256": sha256_bytes(data), "bytes": len(data),
-                        "rows": len(items)}
+        result[kind] = {
+            "path": f"{generation_rel}/{name}",
+            "sha256": sha256_bytes(data),
+            "bytes": len(data),
+            "rows": len(items),
+        }
     return result

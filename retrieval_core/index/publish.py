@@ -63,8 +63,10 @@ def verify_files(root: str, manifest: Manifest) -> None:
             continue
         digest, size = rio.sha256_file(path)
         if size != entry.bytes or digest != entry.sha256:
-            bad.append(f"{entry.path}: sha256 {digest[:12]}.. ({size} B), manifest says {entry.sha256[:12]}.. "
-                       f"({entry.bytes} B)")
+            bad.append(
+                f"{entry.path}: sha256 {digest[:12]}.. ({size} B), manifest says {entry.sha256[:12]}.. "
+                f"({entry.bytes} B)"
+            )
     if bad:
         raise ManifestError(f"generation {manifest.generation} failed verification: " + "; ".join(bad))
 
@@ -76,7 +78,7 @@ def relative_to(root: str, path: str) -> str:
     prefix = root.rstrip("/") + "/"
     if not path.startswith(prefix):
         raise ValueError(f"{path} is not under {root}")
-    return path[len(prefix):]
+    return path[len(prefix) :]
 
 
 def file_entry(root: str, path: str, rows: int = 0) -> FileEntry:
@@ -84,9 +86,21 @@ def file_entry(root: str, path: str, rows: int = 0) -> FileEntry:
     return FileEntry(path=relative_to(root, path), sha256=digest, bytes=size, rows=rows)
 
 
-def build_manifest(*, output_root: str, generation: str, run_id: str, model_id: str, model_name: str, dim: int,
-                   hash_bits: int, spec: IndexSpec, shard_results: list[dict], feature_files: list[str],
-                   dead_letter_files: list[str], counts: dict[str, int]) -> Manifest:
+def build_manifest(
+    *,
+    output_root: str,
+    generation: str,
+    run_id: str,
+    model_id: str,
+    model_name: str,
+    dim: int,
+    hash_bits: int,
+    spec: IndexSpec,
+    shard_results: list[dict],
+    feature_files: list[str],
+    dead_letter_files: list[str],
+    counts: dict[str, int],
+) -> Manifest:
     """Assemble the manifest: shards in shard order with running offsets; table files hashed here."""
     vec, ham, ids, offset = [], [], [], 0
     for result in sorted(shard_results, key=lambda r: r["shard"]):

@@ -19,15 +19,21 @@ from retrieval_core.search.searcher import Searcher, SearchResult, default_outpu
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="retrieval-search", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        prog="retrieval-search",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     p.add_argument("--index", default=default_output_root(), help="output root of the indexing pipeline")
     p.add_argument("--generation", default=None, help="a generation name (default: the one CURRENT names)")
     q = p.add_mutually_exclusive_group(required=True)
     q.add_argument("--item", action="append", help="query by an indexed item_id (repeatable)")
     q.add_argument("--image", action="append", help="query by an image file or URI (repeatable); needs --bundle")
-    q.add_argument("--vector", help="query by a .npy file of (n, dim) float32 embeddings, or (n, bits/8) uint8 "
-                                    "codes with --mode hamming")
+    q.add_argument(
+        "--vector",
+        help="query by a .npy file of (n, dim) float32 embeddings, or (n, bits/8) uint8 codes with --mode hamming",
+    )
     p.add_argument("--bundle", default=None, help="model bundle directory (for --image); must match the index")
     p.add_argument("--mode", choices=("vector", "hamming"), default="vector", help="embedding or Hamming k-NN")
     p.add_argument("--k", type=int, default=10, help="neighbours per query")
@@ -59,13 +65,15 @@ def main(argv: list[str] | None = None) -> int:
         queries = [f"{args.vector}[{i}]" for i in range(len(np.atleast_2d(arr)))]
         result = searcher.search_codes(arr, args.k) if args.mode == "hamming" else searcher.search_vectors(arr, args.k)
     if args.json:
-        out = {"generation": searcher.manifest.generation, "model_id": searcher.manifest.model_id,
-               "metric": result.metric, "results": [{"query": q, "neighbours": result.rows(i)}
-                                                    for i, q in enumerate(queries)]}
+        out = {
+            "generation": searcher.manifest.generation,
+            "model_id": searcher.manifest.model_id,
+            "metric": result.metric,
+            "results": [{"query": q, "neighbours": result.rows(i)} for i, q in enumerate(queries)],
+        }
         print(json.dumps(out, indent=2))
     else:
-        print(f"generation {searcher.manifest.generation}  model {searcher.manifest.model_id}  "
-              f"{searcher.ntotal} items")
+        print(f"generation {searcher.manifest.generation}  model {searcher.manifest.model_id}  {searcher.ntotal} items")
         print(format_table(queries, result))
     return 0
 

@@ -60,8 +60,15 @@ def _read_index(path: str, binary: bool, mmap: bool):
 class Searcher:
     """Search one published generation. Build with ``Searcher.open``."""
 
-    def __init__(self, root: str, manifest: Manifest, vector_shards: list, hamming_shards: list,
-                 item_ids: pa.Array, encoder: Encoder | None = None) -> None:
+    def __init__(
+        self,
+        root: str,
+        manifest: Manifest,
+        vector_shards: list,
+        hamming_shards: list,
+        item_ids: pa.Array,
+        encoder: Encoder | None = None,
+    ) -> None:
         self.root = root
         self.manifest = manifest
         self.vector_shards = vector_shards
@@ -76,8 +83,16 @@ class Searcher:
         self._item_rank[order] = np.arange(len(order))
 
     @classmethod
-    def open(cls, root: str, generation: str | None = None, *, bundle: str | Encoder | None = None,
-             verify: bool = True, mmap: bool = True, device: str = "cpu") -> Searcher:
+    def open(
+        cls,
+        root: str,
+        generation: str | None = None,
+        *,
+        bundle: str | Encoder | None = None,
+        verify: bool = True,
+        mmap: bool = True,
+        device: str = "cpu",
+    ) -> Searcher:
         """Open the published generation under ``root`` (or a named one).
 
         Args:
@@ -107,12 +122,14 @@ class Searcher:
             if hasattr(shard, "nprobe"):
                 faiss.extract_index_ivf(shard).nprobe = manifest.nprobe
             if shard.ntotal != entry.rows or shard.d != manifest.embedding_dim:
-                raise ValueError(f"{entry.path}: holds {shard.ntotal}x{shard.d}, manifest says {entry.rows}x"
-                                 f"{manifest.embedding_dim}")
+                raise ValueError(
+                    f"{entry.path}: holds {shard.ntotal}x{shard.d}, manifest says {entry.rows}x{manifest.embedding_dim}"
+                )
         tables = []
         for entry in manifest.id_files:
-            table = pq.read_table(rio.local_path(rio.join(root, entry.path)) if rio.is_local(root)
-                                  else rio.join(root, entry.path))
+            table = pq.read_table(
+                rio.local_path(rio.join(root, entry.path)) if rio.is_local(root) else rio.join(root, entry.path)
+            )
             check_schema_version(table.schema.metadata, what=entry.path)
             tables.append(table.column("item_id").combine_chunks())
         item_ids = pa.concat_arrays(tables) if tables else pa.array([], pa.string())
@@ -130,8 +147,9 @@ class Searcher:
 
     # -- queries ------------------------------------------------------------------------------------------
 
-    def search_vectors(self, queries: np.ndarray, k: int = 10, *, nprobe: int | None = None,
-                       allowed_ids: np.ndarray | None = None) -> SearchResult:
+    def search_vectors(
+        self, queries: np.ndarray, k: int = 10, *, nprobe: int | None = None, allowed_ids: np.ndarray | None = None
+    ) -> SearchResult:
         """k-NN by inner product on L2-normalised embeddings ((n, dim) float32)."""
         q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         if q.shape[1] != self.manifest.embedding_dim:
@@ -177,8 +195,16 @@ class Searcher:
 
     # -- merging --------------------------------------------------------------------------------------------
 
-    def _search(self, shards: list, q: np.ndarray, k: int, *, higher_is_better: bool, nprobe: int | None,
-                allowed: np.ndarray | None) -> SearchResult:
+    def _search(
+        self,
+        shards: list,
+        q: np.ndarray,
+        k: int,
+        *,
+        higher_is_better: bool,
+        nprobe: int | None,
+        allowed: np.ndarray | None,
+    ) -> SearchResult:
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
         all_d, all_i = [], []
@@ -192,8 +218,12 @@ class Searcher:
             all_i.append(np.where(i >= 0, i + offset, -1))
         n = len(q)
         if not all_d:
-            return SearchResult(np.full((n, k), -1, np.int64), np.zeros((n, k)), [[None] * k for _ in range(n)],
-                                self._metric(higher_is_better))
+            return SearchResult(
+                np.full((n, k), -1, np.int64),
+                np.zeros((n, k)),
+                [[None] * k for _ in range(n)],
+                self._metric(higher_is_better),
+            )
         d, i = np.concatenate(all_d, axis=1), np.concatenate(all_i, axis=1)
         worst = -np.inf if higher_is_better else np.inf
         d = np.where(i >= 0, d, worst)
@@ -207,8 +237,10 @@ class Searcher:
             ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
             scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=worst)
         items = self.item_ids.to_pylist() if n * k > 1000 else None
-        names = [[(items[j] if items is not None else self.item_ids[int(j)].as_py()) if j >= 0 else None
-                  for j in row] for row in ids]
+        names = [
+            [(items[j] if items is not None else self.item_ids[int(j)].as_py()) if j >= 0 else None for j in row]
+            for row in ids
+        ]
         return SearchResult(ids, scores, names, self._metric(higher_is_better))
 
     def _metric(self, higher_is_better: bool) -> str:

@@ -90,8 +90,12 @@ def load_dataset(catalog_csv: str, prep: Preprocessing) -> Dataset:
     with open(catalog_csv, newline="") as f:
         rows = list(csv.DictReader(f))
     base = os.path.dirname(os.path.abspath(catalog_csv))
-    pixels = np.stack([load_image_file(os.path.join(base, r["image_uri"]), prep).pixels
-                       for r in tqdm(rows, desc="decode", unit="img", leave=False)])
+    pixels = np.stack(
+        [
+            load_image_file(os.path.join(base, r["image_uri"]), prep).pixels
+            for r in tqdm(rows, desc="decode", unit="img", leave=False)
+        ]
+    )
     products = sorted({r["product_id"] for r in rows})
     index = {p: i for i, p in enumerate(products)}
     return Dataset(
@@ -111,8 +115,9 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     angle, scale = u(-0.3, 0.3), u(0.8, 1.2)
     flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos * flip, -sin, u(-0.15, 0.15)], 1),
-                         torch.stack([sin * flip, cos, u(-0.15, 0.15)], 1)], 1)
+    theta = torch.stack(
+        [torch.stack([cos * flip, -sin, u(-0.15, 0.15)], 1), torch.stack([sin * flip, cos, u(-0.15, 0.15)], 1)], 1
+    )
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
     return x * u(0.7, 1.3)[:, None, None, None] + u(-0.4, 0.4)[:, None, None, None]
@@ -125,7 +130,7 @@ def batches(data: Dataset, products: np.ndarray, batch_products: int, rng: np.ra
         views_of.setdefault(int(p), []).append(i)
     order = rng.permutation(products)
     for start in range(0, len(order) - batch_products + 1, batch_products):
-        idx = [j for p in order[start:start + batch_products] for j in rng.choice(views_of[int(p)], 2, replace=False)]
+        idx = [j for p in order[start : start + batch_products] for j in rng.choice(views_of[int(p)], 2, replace=False)]
         yield np.array(idx)
 
 
@@ -133,20 +138,28 @@ def compute_losses(out: dict, data: Dataset, idx: np.ndarray, cfg: TrainConfig, 
     product = torch.from_numpy(data.product[idx])
     terms = {
         "category": F.cross_entropy(out["category"], torch.from_numpy(data.category[idx])),
-        "attributes": sum(F.cross_entropy(out[f"attr.{a}"], torch.from_numpy(data.attributes[a][idx]))
-                          for a in ATTRIBUTES) / len(ATTRIBUTES),
+        "attributes": sum(
+            F.cross_entropy(out[f"attr.{a}"], torch.from_numpy(data.attributes[a][idx])) for a in ATTRIBUTES
+        )
+        / len(ATTRIBUTES),
         "metric": losses["supcon"](out["embedding"], product),
         "hash": losses["supcon"](out["hash"], product),
         "quant": losses["quant"](out["hash"]),
     }
-    weights = {"category": cfg.w_category, "attributes": cfg.w_attributes, "metric": cfg.w_metric,
-               "hash": cfg.w_hash, "quant": cfg.w_quant}
+    weights = {
+        "category": cfg.w_category,
+        "attributes": cfg.w_attributes,
+        "metric": cfg.w_metric,
+        "hash": cfg.w_hash,
+        "quant": cfg.w_quant,
+    }
     terms["total"] = sum(weights[k] * v for k, v in terms.items())
     return terms
 
 
-def train_one_epoch(model, optimizer, scheduler, data: Dataset, products: np.ndarray, cfg: TrainConfig,
-                    epoch: int, losses: dict) -> dict[str, float]:
+def train_one_epoch(
+    model, optimizer, scheduler, data: Dataset, products: np.ndarray, cfg: TrainConfig, epoch: int, losses: dict
+) -> dict[str, float]:
     model.train()
     rng = np.random.default_rng([cfg.seed, epoch])  # per-epoch stream: resuming replays the same batches
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
@@ -171,7 +184,9 @@ def evaluate(model, data: Dataset, mask: np.ndarray, image_size: int) -> dict[st
     model.eval()
     prep = Preprocessing(image_size=image_size)
     idx = np.flatnonzero(mask)
-    outs = [model(torch.from_numpy(to_model_input(data.pixels[idx[i:i + 256]], prep))) for i in range(0, len(idx), 256)]
+    outs = [
+        model(torch.from_numpy(to_model_input(data.pixels[idx[i : i + 256]], prep))) for i in range(0, len(idx), 256)
+    ]
     emb = torch.cat([o["embedding"] for o in outs]).numpy()
     codes = pack_codes(torch.cat([o["hash"] for o in outs]).numpy())
     acc = float((torch.cat([o["category"] for o in outs]).argmax(1).numpy() == data.category[idx]).mean())
@@ -185,9 +200,13 @@ def main(cfg: TrainConfig) -> BundleConfig:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     print(f"training baseline bundle: seed {cfg.seed}, {cfg.epochs} epochs, data {cfg.data}")
-    catalog = generate_catalog(cfg.data, SyntheticConfig(products_per_category=cfg.products_per_category,
-                                                         consumer_views=cfg.consumer_views, seed=cfg.data_seed),
-                               progress=True)
+    catalog = generate_catalog(
+        cfg.data,
+        SyntheticConfig(
+            products_per_category=cfg.products_per_category, consumer_views=cfg.consumer_views, seed=cfg.data_seed
+        ),
+        progress=True,
+    )
     prep = Preprocessing(image_size=cfg.image_size)
     data = load_dataset(str(catalog), prep)
     n_products = int(data.product.max()) + 1
@@ -195,14 +214,19 @@ def main(cfg: TrainConfig) -> BundleConfig:
     val_mask = np.isin(data.product, val_products)
     train_products = np.setdiff1d(np.arange(n_products), val_products)
 
-    model_config = {"embedding_dim": cfg.embedding_dim, "hash_bits": cfg.hash_bits, "num_categories": len(CATEGORIES),
-                    "attribute_classes": {a: len(ATTRIBUTE_VALUES[a]) for a in ATTRIBUTES},
-                    "widths": list(cfg.widths)}
+    model_config = {
+        "embedding_dim": cfg.embedding_dim,
+        "hash_bits": cfg.hash_bits,
+        "num_categories": len(CATEGORIES),
+        "attribute_classes": {a: len(ATTRIBUTE_VALUES[a]) for a in ATTRIBUTES},
+        "widths": list(cfg.widths),
+    }
     model = create_model("baseline_cnn", **model_config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = len(train_products) // cfg.batch_products
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
-                                                    pct_start=0.15)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15
+    )
     losses = {"supcon": create_loss("supcon", temperature=cfg.temperature), "quant": create_loss("quantization")}
 
     work = cfg.out.rstrip("/") + ".work"
@@ -227,21 +251,41 @@ def main(cfg: TrainConfig) -> BundleConfig:
         history.append(record)
         print(json.dumps(record))
         tmp = ckpt_path + ".tmp"
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": json.dumps(history)}, tmp)
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch + 1,
+                "history": json.dumps(history),
+            },
+            tmp,
+        )
         os.replace(tmp, ckpt_path)
 
     metrics = evaluate(model, data, val_mask, cfg.image_size)
     bundle = BundleConfig(
-        model_name="baseline_cnn", model_config=model_config, preprocessing=prep, embedding_dim=cfg.embedding_dim,
-        hash_bits=cfg.hash_bits, categories=CATEGORIES, attributes={a: ATTRIBUTE_VALUES[a] for a in ATTRIBUTES},
-        training={"config": asdict(cfg), "history": history, "wall_s": round(time.time() - started, 1),
-                  "torch": torch.__version__, "val_products": int(len(val_products))},
+        model_name="baseline_cnn",
+        model_config=model_config,
+        preprocessing=prep,
+        embedding_dim=cfg.embedding_dim,
+        hash_bits=cfg.hash_bits,
+        categories=CATEGORIES,
+        attributes={a: ATTRIBUTE_VALUES[a] for a in ATTRIBUTES},
+        training={
+            "config": asdict(cfg),
+            "history": history,
+            "wall_s": round(time.time() - started, 1),
+            "torch": torch.__version__,
+            "val_products": int(len(val_products)),
+        },
         metrics={k: round(v, 4) for k, v in metrics.items()},
     )
     bundle = save_bundle(cfg.out, model.eval(), bundle)
-    print(f"bundle {bundle.model_id} -> {cfg.out}  validation {json.dumps(bundle.metrics)}  "
-          f"({time.time() - started:.0f} s)")
+    print(
+        f"bundle {bundle.model_id} -> {cfg.out}  validation {json.dumps(bundle.metrics)}  "
+        f"({time.time() - started:.0f} s)"
+    )
     return bundle
 
 
