@@ -136,3 +136,30 @@ def test_cuda_without_gpu_fails_at_start(tmp_path, tiny_bundle):
     with pytest.raises(RuntimeError, match="CUDA is not available"):
         _run(catalog, str(tmp_path / "out"), tiny_bundle[0], "--device=cuda")
     assert not os.path.exists(tmp_path / "out" / "CURRENT")
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_jsonl_and_parquet_catalogs_with_ivf_index(tmp_path, tiny_bundle, fmt):
+    """The same catalog as JSONL or Parquet indexes the same items; an IVF factory trains inside the graph."""
+    import csv
+
+    import pyarrow as pa
+
+    csv_path, expect = write_catalog(str(tmp_path / "c"), 12, duplicate=False)
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    path = os.path.join(os.path.dirname(csv_path), f"catalog.{fmt}")
+    if fmt == "jsonl":
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    out = str(tmp_path / "out")
+    report = _run(path, out, tiny_bundle[0], "--index_factory=IVF4,Flat", "--nprobe=4")
+    assert report["counts"]["indexed"] == len(expect["good"])
+    assert report["counts"]["dead_letter"] == len(expect["bad"])
+    searcher = Searcher.open(out)
+    assert searcher.manifest.vector_factory == "IVF4,Flat"
+    assert isinstance(faiss.read_index(os.path.join(out, searcher.manifest.vector_shards[0].path)), faiss.IndexIVFFlat)
+    result = searcher.search_items(expect["good"], k=1)  # nprobe = nlist: exact, so each item finds itself
+    assert [r[0] for r in result.item_ids] == expect["good"]
