@@ -163,3 +163,21 @@ def test_jsonl_and_parquet_catalogs_with_ivf_index(tmp_path, tiny_bundle, fmt):
     assert isinstance(faiss.read_index(os.path.join(out, searcher.manifest.vector_shards[0].path)), faiss.IndexIVFFlat)
     result = searcher.search_items(expect["good"], k=1)  # nprobe = nlist: exact, so each item finds itself
     assert [r[0] for r in result.item_ids] == expect["good"]
+
+
+def test_inference_failure_becomes_dead_letters(tmp_path, tiny_bundle, monkeypatch):
+    """A batch the model cannot run is dead-lettered row by row; the run still publishes (an empty index)."""
+    from retrieval_core.encoder import Encoder
+
+    def broken_encode(self, pixels):
+        raise RuntimeError("simulated CUDA out of memory")
+
+    monkeypatch.setattr(Encoder, "encode", broken_encode)
+    catalog, expect = write_catalog(str(tmp_path / "c"), 5, broken=False, duplicate=False)
+    out = str(tmp_path / "out")
+    report = _run(catalog, out, tiny_bundle[0])
+    dead = pq.read_table(glob.glob(f"{out}/dead_letter/*/*.parquet")).to_pylist()
+    assert sorted(r["item_id"] for r in dead) == expect["good"]
+    assert {(r["stage"], r["error_type"]) for r in dead} == {("inference", "RuntimeError")}
+    assert report["counts"]["indexed"] == 0
+    assert Searcher.open(out).search_vectors(np.zeros((1, 16), np.float32), k=3).item_ids == [[None] * 3]

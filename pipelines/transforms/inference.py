@@ -93,13 +93,14 @@ class _FailedBatchToDeadLetters(beam.DoFn):
         self.failed = Metrics.counter("inference", "failed")
 
     def process(self, failed):
-        batch, error = failed
+        # Beam's exception handling emits (batch, (exception type, repr(exception), formatted traceback)).
+        batch, (error_type, error_repr, _traceback) = failed
         for meta, _pixels in batch:
             self.failed.inc()
             yield dead_letter_row(
                 "inference",
-                type(error).__name__,
-                str(error),
+                error_type.__name__,
+                error_repr,
                 run_id=self.run_id,
                 item_id=meta["item_id"],
                 image_uri=meta["image_uri"],
