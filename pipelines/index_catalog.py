@@ -20,18 +20,21 @@ import time
 from dataclasses import asdict, dataclass
 
 import apache_beam as beam
+from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from pipelines.lifecycle import LockedError, OutputLock, prune
 from pipelines.transforms.build_index import BuildIndex
-from pipelines.transforms.catalog import ReadCatalog, catalog_format
+from pipelines.transforms.catalog import CatalogError, ReadCatalog, catalog_format
 from pipelines.transforms.decode import ReadAndDecode
+from pipelines.transforms.incremental import SkipUnchanged
 from pipelines.transforms.inference import Embed
-from pipelines.transforms.publish import Publish
+from pipelines.transforms.publish import Publish, error_rate
 from pipelines.transforms.write import WriteTable
 from retrieval_core import io as rio
 from retrieval_core.bundle import BundleConfig, read_bundle_config
 from retrieval_core.encoder import resolve_device
-from retrieval_core.index.publish import CURRENT_FILE, MANIFEST_FILE
+from retrieval_core.index.publish import CURRENT_FILE, MANIFEST_FILE, load_manifest, read_current
 from schemas import DEAD_LETTER_SCHEMA, feature_schema
 
 log = logging.getLogger("index_catalog")
@@ -68,6 +71,16 @@ class IndexOptions(PipelineOptions):
             "--feature_shards", type=int, default=0, help="Parquet files per run (0: let the runner decide)"
         )
         parser.add_argument("--run_id", default=None, help="run id (default: UTC timestamp + random suffix)")
+        parser.add_argument(
+            "--full", action="store_true", help="re-embed every image (default: only new and changed ones)"
+        )
+        parser.add_argument("--keep_generations", type=int, default=3, help="published generations to keep")
+        parser.add_argument(
+            "--max_error_rate",
+            type=float,
+            default=1.0,
+            help="fraction of dead-letter rows above which the generation is written but not published (exit 4)",
+        )
 
 
 @dataclass(frozen=True)
@@ -85,6 +98,9 @@ class IndexConfig:
     train_sample_size: int
     feature_shards: int
     run_id: str
+    full: bool = False
+    keep_generations: int = 3
+    max_error_rate: float = 1.0
 
     @classmethod
     def from_options(cls, options: PipelineOptions) -> IndexConfig:
@@ -101,18 +117,25 @@ class IndexConfig:
         run_id = o.run_id or dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ-") + secrets.token_hex(3)
         if not run_id.replace("-", "").replace("_", "").isalnum():
             raise ValueError(f"--run_id {run_id!r}: use letters, digits, '-' and '_' only")
+        if o.keep_generations < 1:
+            raise ValueError(f"--keep_generations must be >= 1, got {o.keep_generations}")
+        if not 0.0 <= o.max_error_rate <= 1.0:
+            raise ValueError(f"--max_error_rate must be in [0, 1], got {o.max_error_rate}")
         return cls(
-            o.catalog,
-            o.output.rstrip("/"),
-            o.bundle,
-            o.num_shards,
-            o.batch_size,
-            o.device,
-            o.index_factory,
-            o.nprobe,
-            o.train_sample_size,
-            o.feature_shards,
-            run_id,
+            catalog=o.catalog,
+            output=o.output.rstrip("/"),
+            bundle=o.bundle,
+            num_shards=o.num_shards,
+            batch_size=o.batch_size,
+            device=o.device,
+            index_factory=o.index_factory,
+            nprobe=o.nprobe,
+            train_sample_size=o.train_sample_size,
+            feature_shards=o.feature_shards,
+            run_id=run_id,
+            full=o.full,
+            keep_generations=o.keep_generations,
+            max_error_rate=o.max_error_rate,
         )
 
     @property
@@ -120,18 +143,51 @@ class IndexConfig:
         return self.run_id
 
 
-def build_pipeline(p: beam.Pipeline, config: IndexConfig, bundle: BundleConfig) -> None:
-    """Add the whole indexing graph to ``p``."""
+def previous_feature_files(config: IndexConfig, bundle: BundleConfig) -> list[str]:
+    """Feature files of the published generation that this run may carry rows over from ([] = full run)."""
+    if config.full:
+        return []
+    try:
+        manifest = load_manifest(config.output)
+    except FileNotFoundError:
+        return []
+    if manifest.model_id != bundle.model_id:
+        log.info("published generation used model %s, this run %s: full rebuild", manifest.model_id, bundle.model_id)
+        return []
+    return [rio.join(config.output, f.path) for f in manifest.feature_files]
+
+
+class _CountNewFn(beam.DoFn):
+    """On a full run every catalog row is new; count it so reports read the same either way."""
+
+    def __init__(self) -> None:
+        self.new = Metrics.counter("incremental", "new")
+
+    def process(self, row):
+        self.new.inc()
+        yield row
+
+
+def build_pipeline(p: beam.Pipeline, config: IndexConfig, bundle: BundleConfig, previous: list[str]) -> None:
+    """Add the whole indexing graph to ``p``; ``previous`` are the feature files to carry unchanged rows from."""
     indexed_at = dt.datetime.now(dt.UTC)
     schema = feature_schema(bundle.embedding_dim, bundle.hash_bits)
     generation_rel = f"indices/{config.generation}"
 
     rows, bad_rows = p | "ReadCatalog" >> ReadCatalog(config.catalog, config.run_id)
+    dead_parts, carried = [bad_rows], None
+    if previous:
+        rows, carried, bad_reads = rows | "SkipUnchanged" >> SkipUnchanged(previous, bundle.model_id, config.run_id)
+        dead_parts.append(bad_reads)
+    else:
+        rows = rows | "AllNew" >> beam.ParDo(_CountNewFn())
     decoded, bad_images = rows | "ReadAndDecode" >> ReadAndDecode(bundle.preprocessing, config.run_id)
     features, failed = decoded | "Embed" >> Embed(
         config.bundle, config.device, config.batch_size, config.run_id, indexed_at
     )
-    dead = (bad_rows, bad_images, failed) | "AllDeadLetters" >> beam.Flatten()
+    if carried is not None:
+        features = (features, carried) | "WithCarried" >> beam.Flatten()
+    dead = (*dead_parts, bad_images, failed) | "AllDeadLetters" >> beam.Flatten()
 
     feature_files = features | "WriteFeatures" >> WriteTable(
         config.output, "features", config.run_id, schema, config.feature_shards
@@ -151,6 +207,7 @@ def build_pipeline(p: beam.Pipeline, config: IndexConfig, bundle: BundleConfig) 
         train_sample_size=config.train_sample_size,
     )
     _ = (shards, spec, feature_files, dead_files, dead_count) | "Publish" >> Publish(
+        max_error_rate=config.max_error_rate,
         output_root=config.output,
         generation=config.generation,
         run_id=config.run_id,
@@ -170,54 +227,101 @@ def _counters(result) -> dict[str, int]:
 
 
 def run(argv: list[str] | None = None) -> dict:
-    """Parse flags, run the pipeline to completion, write ``runs/<run_id>.json``, and return that report."""
+    """Parse flags, run the pipeline to completion, write ``runs/<run_id>.json``, and return that report.
+
+    Raises:
+        LockedError: another run holds the output root.
+        ValueError, FileNotFoundError, BundleError: bad flags or inputs, before any work.
+    """
     options = PipelineOptions(argv)
     config = IndexConfig.from_options(options)
     bundle = read_bundle_config(config.bundle)
     runner = options.view_as(StandardOptions).runner
     if runner is None or runner in LOCAL_RUNNERS:
         resolve_device(config.device)  # --device cuda with no GPU: fail now, before any work
-    log.info("run %s: catalog %s -> %s (model %s)", config.run_id, config.catalog, config.output, bundle.model_id)
-    started = time.time()
-    with beam.Pipeline(options=options) as p:
-        build_pipeline(p, config, bundle)
-    result = p.result
-    manifest_path = rio.join(config.output, "indices", config.generation, MANIFEST_FILE)
-    manifest = json.loads(rio.read_bytes(manifest_path))
-    report = {
-        "run_id": config.run_id,
-        "status": "published",
-        "config": asdict(config),
-        "model_id": bundle.model_id,
-        "generation": config.generation,
-        "manifest": manifest_path,
-        "current": rio.join(config.output, CURRENT_FILE),
-        "counts": {"catalog_rows": _counter(result, "read_catalog.rows"), **manifest["counts"]},
-        "index": {k: manifest[k] for k in ("vector_factory", "binary_factory", "nprobe", "embedding_dim", "hash_bits")},
-        "counters": _counters(result),
-        "wall_s": round(time.time() - started, 3),
-    }
-    rio.write_bytes_atomic(
-        rio.join(config.output, "runs", f"{config.run_id}.json"),
-        (json.dumps(report, indent=2, default=str) + "\n").encode(),
-    )
+    with OutputLock(config.output, config.run_id):
+        previous = previous_feature_files(config, bundle)
+        log.info(
+            "run %s: catalog %s -> %s (model %s, %s)",
+            config.run_id,
+            config.catalog,
+            config.output,
+            bundle.model_id,
+            f"incremental over {len(previous)} feature files" if previous else "full",
+        )
+        started = time.time()
+        with beam.Pipeline(options=options) as p:
+            build_pipeline(p, config, bundle, previous)
+        manifest_path = rio.join(config.output, "indices", config.generation, MANIFEST_FILE)
+        manifest = json.loads(rio.read_bytes(manifest_path))
+        published = (
+            rio.exists(rio.join(config.output, CURRENT_FILE)) and read_current(config.output) == config.generation
+        )
+        counters = _counters(p.result)
+        counts = {
+            "catalog_rows": counters.get("read_catalog.rows", 0),
+            **{k: counters.get(f"incremental.{k}", 0) for k in ("new", "changed", "unchanged", "removed")},
+            "failed": manifest["counts"]["dead_letter"],
+            **manifest["counts"],
+        }
+        rate = error_rate(counts["indexed"], counts["dead_letter"])
+        report = {
+            "run_id": config.run_id,
+            "status": "published" if published else "rejected",
+            "mode": "incremental" if previous else "full",
+            "error_rate": round(rate, 6),
+            "config": asdict(config),
+            "model_id": bundle.model_id,
+            "generation": config.generation,
+            "manifest": manifest_path,
+            "current": rio.join(config.output, CURRENT_FILE),
+            "counts": counts,
+            "index": {
+                k: manifest[k] for k in ("vector_factory", "binary_factory", "nprobe", "embedding_dim", "hash_bits")
+            },
+            "counters": counters,
+            "wall_s": round(time.time() - started, 3),
+        }
+        if published:
+            report["pruned"] = prune(config.output, config.keep_generations, current_run=config.run_id)
+        rio.write_bytes_atomic(
+            rio.join(config.output, "runs", f"{config.run_id}.json"),
+            (json.dumps(report, indent=2, default=str) + "\n").encode(),
+        )
     return report
 
 
-def _counter(result, name: str) -> int:
-    return _counters(result).get(name, 0)
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_ERROR_RATE = 0, 1, 2, 3, 4
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Console entry point. Exit codes: 0 published, 1 pipeline failed, 2 bad flags or inputs,
+    3 another run holds the output, 4 written but not published (error rate above --max_error_rate)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    report = run(argv if argv is not None else sys.argv[1:])
+    try:
+        report = run(argv if argv is not None else sys.argv[1:])
+    except LockedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_LOCKED
+    except (ValueError, FileNotFoundError, CatalogError) as e:  # BundleError and ManifestError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     c = report["counts"]
     print(
-        f"run {report['run_id']}: {c['indexed']} indexed, {c['dead_letter']} dead-letter rows "
-        f"(of {c['catalog_rows']} parsed catalog rows) in {report['wall_s']:.1f} s"
+        f"run {report['run_id']} ({report['mode']}): {c['indexed']} indexed "
+        f"(new {c['new']}, changed {c['changed']}, unchanged {c['unchanged']}, removed {c['removed']}), "
+        f"{c['dead_letter']} dead-letter rows, {report['wall_s']:.1f} s"
     )
+    if report["status"] != "published":
+        print(
+            f"NOT published: error rate {report['error_rate']:.3f} > --max_error_rate "
+            f"{report['config']['max_error_rate']}; CURRENT still names the previous generation. "
+            f"Inspect {report['manifest']} and the dead-letter table.",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR_RATE
     print(f"published {report['manifest']}")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -11,16 +11,27 @@ import apache_beam as beam
 from retrieval_core.index.publish import build_manifest, publish
 
 
-class Publish(beam.PTransform):
-    """Side inputs in, one published manifest path out."""
+def error_rate(indexed: int, failed: int) -> float:
+    """Fraction of catalog rows that ended as dead letters."""
+    return failed / (indexed + failed) if indexed + failed else 0.0
 
-    def __init__(self, **manifest_fields) -> None:
+
+class Publish(beam.PTransform):
+    """Side inputs in, one manifest path out. ``CURRENT`` is swapped only if the error rate is acceptable.
+
+    Args:
+        max_error_rate: above this fraction of dead-letter rows the generation is written but not published.
+        manifest_fields: the remaining keyword arguments of ``build_manifest``.
+    """
+
+    def __init__(self, max_error_rate: float = 1.0, **manifest_fields) -> None:
         super().__init__()
+        self.max_error_rate = max_error_rate
         self.fields = manifest_fields
 
     def expand(self, inputs):
         shards, spec, feature_files, dead_letter_files, dead_count = inputs
-        fields = self.fields
+        fields, max_error_rate = self.fields, self.max_error_rate
 
         def _publish(_, shard_results, spec, feature_files, dead_letter_files, dead_count):
             manifest = build_manifest(
@@ -31,7 +42,8 @@ class Publish(beam.PTransform):
                 counts={"dead_letter": dead_count},
                 **fields,
             )
-            return publish(fields["output_root"], manifest)
+            acceptable = error_rate(manifest.ntotal, dead_count) <= max_error_rate
+            return publish(fields["output_root"], manifest, swap_current=acceptable)
 
         return (
             shards.pipeline

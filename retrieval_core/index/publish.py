@@ -21,12 +21,16 @@ def generation_dir(root: str, generation: str) -> str:
     return rio.join(root, "indices", generation)
 
 
-def publish(root: str, manifest: Manifest) -> str:
-    """Write ``manifest.json`` into the generation, then point ``CURRENT`` at it. Returns the manifest path."""
+def publish(root: str, manifest: Manifest, *, swap_current: bool = True) -> str:
+    """Write ``manifest.json`` into the generation, then point ``CURRENT`` at it. Returns the manifest path.
+
+    With ``swap_current=False`` the generation is complete and inspectable but not served.
+    """
     manifest.validate()
     path = rio.join(generation_dir(root, manifest.generation), MANIFEST_FILE)
     rio.write_bytes_atomic(path, manifest.to_json().encode())
-    rio.write_bytes_atomic(rio.join(root, CURRENT_FILE), (manifest.generation + "\n").encode())
+    if swap_current:
+        rio.write_bytes_atomic(rio.join(root, CURRENT_FILE), (manifest.generation + "\n").encode())
     return path
 
 

@@ -1,0 +1,140 @@
+"""Nightly runs: incremental work, the output lock, retention, and the error-rate gate."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import LOCAL_RUNNER, jpeg_bytes, write_catalog
+
+from pipelines.index_catalog import EXIT_ERROR_RATE, EXIT_LOCKED, EXIT_USAGE, main, run
+from pipelines.lifecycle import LOCK_FILE, LockedError
+from retrieval_core.index.publish import read_current
+from retrieval_core.search import Searcher
+
+
+def _run(catalog: str, out: str, bundle: str, run_id: str, *extra: str) -> dict:
+    return run(
+        [
+            f"--catalog={catalog}",
+            f"--output={out}",
+            f"--bundle={bundle}",
+            f"--runner={LOCAL_RUNNER}",
+            "--num_shards=2",
+            f"--run_id={run_id}",
+            *extra,
+        ]
+    )
+
+
+def features(out: str, run_id: str) -> dict[str, dict]:
+    table = pq.read_table(glob.glob(f"{out}/features/run={run_id}/*.parquet"))
+    return {r["item_id"]: r for r in table.to_pylist()}
+
+
+def edit_catalog(catalog: str) -> None:
+    """Day two: 2 images change, 2 items are removed, 2 items are added."""
+    root = os.path.dirname(catalog)
+    for i in (1, 2):
+        with open(os.path.join(root, "images", f"good{i:03d}.jpg"), "wb") as f:
+            f.write(jpeg_bytes(1000 + i))
+    lines = open(catalog).read().splitlines()
+    kept = [ln for ln in lines if not ln.startswith(("item003,", "item004,"))]
+    for i in (50, 51):
+        with open(os.path.join(root, "images", f"new{i}.jpg"), "wb") as f:
+            f.write(jpeg_bytes(i))
+        kept.append(f"item{i:03d},images/new{i}.jpg,p{i}")
+    with open(catalog, "w") as f:
+        f.write("\n".join(kept) + "\n")
+
+
+def test_incremental_run_equals_a_full_run(tmp_path, tiny_bundle):
+    bundle = tiny_bundle[0]
+    catalog, _ = write_catalog(str(tmp_path / "c"), 20, broken=False, duplicate=False)
+    out = str(tmp_path / "out")
+    first = _run(catalog, out, bundle, "day1")
+    assert first["mode"] == "full" and first["counts"]["new"] == 20
+    edit_catalog(catalog)
+
+    second = _run(catalog, out, bundle, "day2")
+    c = second["counts"]
+    assert second["mode"] == "incremental"
+    assert (c["new"], c["changed"], c["unchanged"], c["removed"]) == (2, 2, 16, 2)
+    # Only new and changed images were decoded and embedded.
+    assert second["counters"]["read_and_decode.decoded"] == 4
+    assert second["counters"]["BundleModelHandler.num_inferences"] == 4
+
+    full = _run(catalog, str(tmp_path / "full"), bundle, "ref", "--full")
+    assert full["mode"] == "full" and full["counters"]["read_and_decode.decoded"] == 20
+    inc, ref = features(out, "day2"), features(str(tmp_path / "full"), "ref")
+    assert sorted(inc) == sorted(ref)  # removed items gone, new ones in
+    for item in ref:
+        np.testing.assert_allclose(inc[item]["embedding"], ref[item]["embedding"], atol=1e-5)
+        assert inc[item]["hash_code"] == ref[item]["hash_code"]
+        assert inc[item]["content_sha256"] == ref[item]["content_sha256"]
+        assert inc[item]["run_id"] == "day2"
+    # Unchanged rows keep the time they were embedded; re-embedded ones get this run's.
+    day1 = features(out, "day1")
+    assert inc["item010"]["indexed_at"] == day1["item010"]["indexed_at"]
+    assert inc["item001"]["indexed_at"] > day1["item001"]["indexed_at"]
+    # The served index answers exactly as the full rebuild does.
+    a, b = Searcher.open(out), Searcher.open(str(tmp_path / "full"))
+    assert a.ntotal == b.ntotal == 20
+    assert a.search_items(sorted(ref), k=3).item_ids == b.search_items(sorted(ref), k=3).item_ids
+
+
+def test_a_second_run_on_a_locked_output_stops(tmp_path, tiny_bundle):
+    catalog, _ = write_catalog(str(tmp_path / "c"), 4, broken=False, duplicate=False)
+    out = str(tmp_path / "out")
+    _run(catalog, out, tiny_bundle[0], "first")
+    lock = os.path.join(out, LOCK_FILE)
+    with open(lock, "w") as f:  # a live run: this very process
+        json.dump({"run_id": "other", "host": os.uname().nodename, "pid": os.getpid()}, f)
+    with pytest.raises(LockedError, match="held by run other"):
+        _run(catalog, out, tiny_bundle[0], "second")
+    assert main([f"--catalog={catalog}", f"--output={out}", f"--bundle={tiny_bundle[0]}"]) == EXIT_LOCKED
+    assert read_current(out) == "first"
+    # A lock left by a process that is gone is stale and taken over.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with open(lock, "w") as f:
+        json.dump({"run_id": "crashed", "host": os.uname().nodename, "pid": dead.pid}, f)
+    _run(catalog, out, tiny_bundle[0], "third")
+    assert read_current(out) == "third" and not os.path.exists(lock)
+
+
+def test_old_generations_are_pruned(tmp_path, tiny_bundle):
+    catalog, _ = write_catalog(str(tmp_path / "c"), 4, broken=False, duplicate=False)
+    out = str(tmp_path / "out")
+    os.makedirs(os.path.join(out, "indices", "crashed-run", "vectors"))  # leftovers of a killed run
+    for day in ("d1", "d2", "d3", "d4"):
+        _run(catalog, out, tiny_bundle[0], day, "--keep_generations=2")
+    assert sorted(os.listdir(os.path.join(out, "indices"))) == ["d3", "d4"]
+    assert sorted(os.listdir(os.path.join(out, "features"))) == ["run=d3", "run=d4"]
+    assert sorted(os.listdir(os.path.join(out, "dead_letter"))) == ["run=d3", "run=d4"]
+    assert Searcher.open(out, "d3").ntotal == Searcher.open(out).ntotal == 4
+
+
+def test_error_rate_gate_writes_but_does_not_publish(tmp_path, tiny_bundle):
+    catalog, expect = write_catalog(str(tmp_path / "c"), 3, duplicate=False)  # 3 good, 5 bad
+    out = str(tmp_path / "out")
+    args = [f"--catalog={catalog}", f"--output={out}", f"--bundle={tiny_bundle[0]}", f"--runner={LOCAL_RUNNER}"]
+    assert main([*args, "--run_id=strict", "--max_error_rate=0.5"]) == EXIT_ERROR_RATE
+    assert not os.path.exists(os.path.join(out, "CURRENT"))
+    assert os.path.exists(os.path.join(out, "indices", "strict", "manifest.json"))  # inspectable
+    report = json.load(open(os.path.join(out, "runs", "strict.json")))
+    assert report["status"] == "rejected" and report["error_rate"] == pytest.approx(5 / 8)
+    assert main([*args, "--run_id=lenient", "--max_error_rate=0.7"]) == 0
+    assert read_current(out) == "lenient"
+
+
+def test_bad_flags_exit_2(tmp_path, tiny_bundle):
+    out = str(tmp_path / "out")
+    assert main([f"--catalog={tmp_path}/nope.csv", f"--output={out}", f"--bundle={tiny_bundle[0]}"]) == EXIT_USAGE
+    assert main([f"--catalog={tmp_path}/c.txt", f"--output={out}", f"--bundle={tiny_bundle[0]}"]) == EXIT_USAGE
