@@ -8,7 +8,7 @@ ART    ?= artifacts
 RUNNER ?= apache_beam.runners.portability.fn_api_runner.FnApiRunner
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data index train-baseline test lint clean
+.PHONY: help setup data index train-baseline bench-incremental test lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -34,6 +34,14 @@ index: $(STAMP)  ## generate the default catalog, train the baseline bundle if n
 
 train-baseline: $(STAMP)  ## (re)train the baseline bundle on the synthetic training catalog
 	$(PY) -m retrieval_core.train.baseline --out $(ART)/bundles/baseline --data $(ART)/train_catalog
+
+BUNDLE := $(ART)/bundles/baseline/bundle.json
+
+$(BUNDLE): | $(STAMP)
+	$(PY) -m retrieval_core.train.baseline --out $(ART)/bundles/baseline --data $(ART)/train_catalog
+
+bench-incremental: $(STAMP) $(BUNDLE)  ## wall time of a 1%-changed nightly run vs a full run, 10,000 images
+	$(PY) -m bench.incremental --artifacts $(ART) $(BENCH_ARGS)
 
 test: $(STAMP)  ## run the test suite
 	$(PY) -m pytest -q tests

@@ -1,0 +1,164 @@
+"""``make bench-incremental``: wall time of a nightly run where 1% of the catalog changed, vs a full run.
+
+Both runs use the same catalog size, bundle, runner and machine, one after the
+other. Day two changes 1% of the rows: half re-encoded images (new bytes), a
+quarter removed items, a quarter new items. Writes ``bench/results/incremental.json``
+(rows in the shape of CONVENTIONS.md) and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import shutil
+import subprocess
+import time
+
+from PIL import Image, ImageOps
+
+from pipelines.index_catalog import run as run_pipeline
+from pipelines.run_default import LOCAL_RUNNER
+from retrieval_core.bundle import CONFIG_FILE
+from retrieval_core.data.synthetic import SyntheticConfig, generate_catalog
+
+
+def machine() -> str:
+    gpu = "no GPU"
+    return f"{os.cpu_count()}-core {platform.machine()}, {gpu}, Python {platform.python_version()}"
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def day_two(catalog: str, work: str, fraction: float, seed_rows: list[dict]) -> str:
+    """Write a catalog in which ``fraction`` of the rows changed; returns its path."""
+    with open(catalog, newline="") as f:
+        rows = list(csv.DictReader(f))
+    base = os.path.dirname(os.path.abspath(catalog))
+    n = max(4, round(len(rows) * fraction))
+    n_changed, n_removed = n // 2, n // 4
+    n_added = n - n_changed - n_removed
+    os.makedirs(os.path.join(work, "changed"), exist_ok=True)
+    out_rows = []
+    for i, row in enumerate(rows):
+        row = {**row, "image_uri": os.path.join(base, row["image_uri"])}
+        if i < n_removed:
+            continue
+        if i < n_removed + n_changed:  # same item, new bytes (a re-shot photo)
+            path = os.path.abspath(os.path.join(work, "changed", os.path.basename(row["image_uri"])))
+            ImageOps.mirror(Image.open(row["image_uri"])).save(path, quality=88)
+            row["image_uri"] = path
+        out_rows.append(row)
+    out_rows += seed_rows[:n_added]
+    path = os.path.join(work, "catalog_day2.csv")
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(out_rows)
+    return path
+
+
+def timed_run(catalog: str, output: str, bundle: str, run_id: str, *extra: str) -> tuple[float, dict]:
+    t = time.perf_counter()
+    report = run_pipeline(
+        [
+            f"--catalog={catalog}",
+            f"--output={output}",
+            f"--bundle={bundle}",
+            f"--runner={LOCAL_RUNNER}",
+            f"--run_id={run_id}",
+            *extra,
+        ]
+    )
+    return time.perf_counter() - t, report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--artifacts", default="artifacts")
+    p.add_argument("--images", type=int, default=10_000, help="catalog size")
+    p.add_argument("--fraction", type=float, default=0.01, help="share of rows that change on day two")
+    p.add_argument("--quick", action="store_true", help="1,000 images (CI smoke size)")
+    p.add_argument("--out", default="bench/results/incremental.json")
+    args = p.parse_args(argv)
+    n_images = 1000 if args.quick else args.images
+    bundle = os.path.join(args.artifacts, "bundles", "baseline")
+    if not os.path.exists(os.path.join(bundle, CONFIG_FILE)):
+        raise SystemExit(f"no bundle at {bundle}: run `make index` (or `make train-baseline`) first")
+    ppc = max(1, round(n_images / 8 / 3))
+    catalog = str(
+        generate_catalog(
+            os.path.join(args.artifacts, "bench", f"catalog-{ppc}"),
+            SyntheticConfig(products_per_category=ppc, consumer_views=2, seed=2),
+        )
+    )
+    extra = str(
+        generate_catalog(
+            os.path.join(args.artifacts, "bench", "extra"),
+            SyntheticConfig(products_per_category=ppc // 10 + 2, consumer_views=2, seed=3),
+        )
+    )
+    with open(extra, newline="") as f:
+        base = os.path.dirname(os.path.abspath(extra))
+        new_rows = [
+            {**r, "item_id": "new-" + r["item_id"], "image_uri": os.path.join(base, r["image_uri"])}
+            for r in csv.DictReader(f)
+        ]
+    work = os.path.join(args.artifacts, "bench", "incremental")
+    shutil.rmtree(work, ignore_errors=True)
+    output = os.path.join(work, "out")
+    full_s, full = timed_run(catalog, output, bundle, "day1", "--full")
+    inc_s, inc = timed_run(day_two(catalog, work, args.fraction, new_rows), output, bundle, "day2")
+    c = inc["counts"]
+    if full["counts"]["dead_letter"] or c["dead_letter"]:
+        raise SystemExit(f"benchmark catalog produced dead letters ({full['counts']}, {c}): fix the setup")
+    common = {
+        "dataset": "synthetic",
+        "protocol": f"{args.fraction:.0%}-changed",
+        "images": full["counts"]["indexed"],
+        "machine": machine(),
+        "commit": commit(),
+        "runner": "FnApiRunner",
+    }
+    rows = [
+        {
+            "method": "full",
+            **common,
+            "wall_s": round(full_s, 2),
+            "decoded": full["counters"]["read_and_decode.decoded"],
+            "items_per_s": round(full["counts"]["indexed"] / full_s, 1),
+        },
+        {
+            "method": "incremental",
+            **common,
+            "wall_s": round(inc_s, 2),
+            "decoded": inc["counters"]["read_and_decode.decoded"],
+            "new": c["new"],
+            "changed": c["changed"],
+            "unchanged": c["unchanged"],
+            "removed": c["removed"],
+            "ratio": round(inc_s / full_s, 3),
+        },
+    ]
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(rows, f, indent=2)
+    print(
+        f"| run | images | decoded | wall s | ratio |\n|---|---|---|---|---|\n"
+        f"| full | {rows[0]['images']} | {rows[0]['decoded']} | {rows[0]['wall_s']} | 1 |\n"
+        f"| incremental ({c['new']} new, {c['changed']} changed, {c['removed']} removed) | "
+        f"{inc['counts']['indexed']} | {rows[1]['decoded']} | {rows[1]['wall_s']} | {rows[1]['ratio']} |"
+    )
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
