@@ -7,13 +7,86 @@ on object stores an object only becomes visible when its upload completes.
 from __future__ import annotations
 
 import hashlib
+import http.client
+import logging
 import os
+import random
 import tempfile
-from collections.abc import Iterator
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from apache_beam.io.filesystems import FileSystems
 
+log = logging.getLogger(__name__)
+
 _CHUNK = 1 << 20
+_RETRYABLE_HTTP = {408, 425, 429, 500, 502, 503, 504}
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries with exponential backoff and jitter for transient remote errors (never for 'not found')."""
+
+    attempts: int = 5
+    initial_s: float = 0.2
+    max_s: float = 5.0
+    timeout_s: float = 30.0
+
+
+DEFAULT_RETRY = RetryPolicy()
+
+
+class TransientError(OSError):
+    """A remote read that kept failing with errors that are usually temporary (5xx, timeouts, cut-off bodies)."""
+
+
+_TRANSIENT = (TransientError, TimeoutError, ConnectionError, http.client.IncompleteRead, http.client.RemoteDisconnected)
+
+
+def with_retries(fn: Callable[[], bytes], what: str, policy: RetryPolicy) -> bytes:
+    """Call ``fn`` until it succeeds or raises a permanent error; back off between attempts."""
+    delay = policy.initial_s
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            return fn()
+        except (
+            TransientError,
+            TimeoutError,
+            ConnectionError,
+            http.client.IncompleteRead,
+            http.client.RemoteDisconnected,
+        ) as e:
+            if attempt == policy.attempts:
+                raise TransientError(f"{what}: gave up after {attempt} attempts: {type(e).__name__}: {e}") from e
+            log.warning("%s: attempt %d failed (%s: %s); retrying in %.2f s", what, attempt, type(e).__name__, e, delay)
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, policy.max_s)
+    raise AssertionError("unreachable")
+
+
+def _read_http_once(url: str, timeout: float) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            data = resp.read()
+            expected = resp.headers.get("Content-Length")
+            if expected is not None and len(data) != int(expected):
+                raise http.client.IncompleteRead(data, int(expected) - len(data))
+            return data
+    except urllib.error.HTTPError as e:
+        if e.code in (404, 410):
+            raise FileNotFoundError(f"{url}: HTTP {e.code}") from e
+        if e.code in (401, 403):
+            raise PermissionError(f"{url}: HTTP {e.code}") from e
+        if e.code in _RETRYABLE_HTTP:
+            raise TransientError(f"{url}: HTTP {e.code}") from e
+        raise OSError(f"{url}: HTTP {e.code} {e.reason}") from e
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, (TimeoutError, ConnectionError)):
+            raise TransientError(f"{url}: {e.reason}") from e
+        raise
 
 
 def is_local(path: str) -> bool:
@@ -49,13 +122,36 @@ def exists(path: str) -> bool:
     return os.path.exists(local_path(path)) if is_local(path) else FileSystems.exists(path)
 
 
-def read_bytes(path: str) -> bytes:
-    """Read a whole file."""
+def is_http(path: str) -> bool:
+    return path.startswith(("http://", "https://"))
+
+
+def read_bytes(path: str, policy: RetryPolicy | None = None) -> bytes:
+    """Read a whole file: local, http(s) (timeouts, retries) or any Beam filesystem URI (retries).
+
+    Raises:
+        FileNotFoundError / PermissionError: permanent, never retried.
+        TransientError: a remote read that still failed after ``policy.attempts`` tries.
+    """
     if is_local(path):
         with open(local_path(path), "rb") as f:
             return f.read()
-    with FileSystems.open(path) as f:
-        return f.read()
+    policy = policy or DEFAULT_RETRY
+    if is_http(path):
+        return with_retries(lambda: _read_http_once(path, policy.timeout_s), path, policy)
+
+    def read_remote() -> bytes:
+        try:
+            with FileSystems.open(path) as f:
+                return f.read()
+        except (FileNotFoundError, PermissionError):
+            raise
+        except OSError as e:
+            if "not found" in str(e).lower() or "404" in str(e):
+                raise FileNotFoundError(f"{path}: {e}") from e
+            raise TransientError(f"{path}: {e}") from e
+
+    return with_retries(read_remote, path, policy)
 
 
 def open_read(path: str):
