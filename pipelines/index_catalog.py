@@ -168,8 +168,14 @@ class _CountNewFn(beam.DoFn):
         yield row
 
 
-def build_pipeline(p: beam.Pipeline, config: IndexConfig, bundle: BundleConfig, previous: list[str]) -> None:
-    """Add the whole indexing graph to ``p``; ``previous`` are the feature files to carry unchanged rows from."""
+def build_pipeline(
+    p: beam.Pipeline, config: IndexConfig, bundle: BundleConfig, previous: list[str], current_generation: int = 0
+) -> None:
+    """Add the whole indexing graph to ``p``.
+
+    ``previous`` are the feature files to carry unchanged rows from; ``current_generation`` is the GCS object
+    generation of ``CURRENT`` when the run started (the precondition of the final swap).
+    """
     indexed_at = dt.datetime.now(dt.UTC)
     schema = feature_schema(bundle.embedding_dim, bundle.hash_bits)
     generation_rel = f"indices/{config.generation}"
@@ -208,6 +214,7 @@ def build_pipeline(p: beam.Pipeline, config: IndexConfig, bundle: BundleConfig, 
     )
     _ = (shards, spec, feature_files, dead_files, dead_count) | "Publish" >> Publish(
         max_error_rate=config.max_error_rate,
+        current_generation=current_generation,
         output_root=config.output,
         generation=config.generation,
         run_id=config.run_id,
@@ -241,6 +248,7 @@ def run(argv: list[str] | None = None) -> dict:
         resolve_device(config.device)  # --device cuda with no GPU: fail now, before any work
     with OutputLock(config.output, config.run_id):
         previous = previous_feature_files(config, bundle)
+        current_generation = rio.object_generation(rio.join(config.output, CURRENT_FILE))
         log.info(
             "run %s: catalog %s -> %s (model %s, %s)",
             config.run_id,
@@ -251,7 +259,7 @@ def run(argv: list[str] | None = None) -> dict:
         )
         started = time.time()
         with beam.Pipeline(options=options) as p:
-            build_pipeline(p, config, bundle, previous)
+            build_pipeline(p, config, bundle, previous, current_generation)
         manifest_path = rio.join(config.output, "indices", config.generation, MANIFEST_FILE)
         manifest = json.loads(rio.read_bytes(manifest_path))
         published = (

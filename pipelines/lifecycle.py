@@ -44,8 +44,8 @@ class OutputLock:
 
     Locally the lock file is created with ``O_CREAT | O_EXCL`` (atomic). A lock
     left by a process that no longer runs on this host is stale and taken over.
-    On object stores the lock is an object created only if absent (best effort
-    through Beam's filesystems).
+    On GCS the lock is an object created with ``if_generation_match=0``, which
+    the server makes atomic; on other remote filesystems it is exists-then-create.
     """
 
     def __init__(self, root: str, run_id: str) -> None:
@@ -78,9 +78,12 @@ class OutputLock:
                 self.held = True
                 return self
             raise LockedError(self._held_message())
-        if rio.exists(self.path):
+        if not self.path.startswith("gs://") and rio.exists(self.path):
             raise LockedError(self._held_message())
-        rio.write_bytes_atomic(self.path, body)
+        try:  # on GCS: create only if absent (generation 0), atomically on the server
+            rio.write_bytes_if_generation(self.path, body, 0)
+        except rio.PreconditionFailed:
+            raise LockedError(self._held_message()) from None
         self.held = True
         return self
 

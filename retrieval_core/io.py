@@ -181,6 +181,57 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
         f.write(data)
 
 
+def read_parquet(path: str, columns: list[str] | None = None):
+    """A Parquet file as an Arrow table, from a local path or any remote URI (through our retrying reader)."""
+    import io as _io
+
+    import pyarrow.parquet as pq
+
+    if is_local(path):
+        return pq.read_table(local_path(path), columns=columns)
+    return pq.read_table(_io.BytesIO(read_bytes(path)), columns=columns)
+
+
+class PreconditionFailed(RuntimeError):
+    """A conditional write lost a race: the object changed since it was read."""
+
+
+def _gcs_bucket_and_name(uri: str):
+    """The google-cloud-storage bucket and object name of ``gs://bucket/name`` (anonymous against an emulator)."""
+    from google.cloud import storage
+
+    bucket, _, name = uri[len("gs://") :].partition("/")
+    client = storage.Client.create_anonymous_client() if os.environ.get("STORAGE_EMULATOR_HOST") else storage.Client()
+    return client.bucket(bucket), name
+
+
+def object_generation(path: str) -> int:
+    """GCS generation of an object (0 if absent); for other filesystems 0 (no preconditions there)."""
+    if not path.startswith("gs://"):
+        return 0
+    bucket, name = _gcs_bucket_and_name(path)
+    blob = bucket.get_blob(name)
+    return int(blob.generation) if blob is not None else 0
+
+
+def write_bytes_if_generation(path: str, data: bytes, generation: int | None) -> None:
+    """Write atomically; on GCS only if the object's generation is still ``generation`` (0: must not exist).
+
+    Raises:
+        PreconditionFailed: someone else wrote the object in between.
+    """
+    if not path.startswith("gs://") or generation is None:
+        write_bytes_atomic(path, data)
+        return
+    from google.api_core import exceptions
+
+    try:
+        bucket, name = _gcs_bucket_and_name(path)
+        bucket.blob(name).upload_from_string(data, if_generation_match=generation)
+    except exceptions.PreconditionFailed as e:
+        raise PreconditionFailed(f"{path} changed since generation {generation}: another writer") from e
+
+
 def makedirs(path: str) -> None:
     if is_local(path):
         os.makedirs(local_path(path), exist_ok=True)

@@ -60,7 +60,8 @@ def test_kill_and_rerun_equals_clean_run(setup, tiny_bundle, point):
     out = str(root / point)
     run(args(catalog, out, tiny_bundle[0], "before"))  # a published generation that serving is reading
     before = served(out)
-    code = f"import sys; from pipelines.index_catalog import main; sys.exit(main({args(catalog, out, tiny_bundle[0], 'victim')!r}))"
+    victim = args(catalog, out, tiny_bundle[0], "victim")
+    code = f"import sys; from pipelines.index_catalog import main; sys.exit(main({victim!r}))"
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while proc.poll() is None and time.time() < deadline:

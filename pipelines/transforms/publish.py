@@ -21,17 +21,19 @@ class Publish(beam.PTransform):
 
     Args:
         max_error_rate: above this fraction of dead-letter rows the generation is written but not published.
+        current_generation: GCS generation of ``CURRENT`` at the start of the run (see ``publish``).
         manifest_fields: the remaining keyword arguments of ``build_manifest``.
     """
 
-    def __init__(self, max_error_rate: float = 1.0, **manifest_fields) -> None:
+    def __init__(self, max_error_rate: float = 1.0, current_generation: int | None = None, **manifest_fields) -> None:
         super().__init__()
         self.max_error_rate = max_error_rate
+        self.current_generation = current_generation
         self.fields = manifest_fields
 
     def expand(self, inputs):
         shards, spec, feature_files, dead_letter_files, dead_count = inputs
-        fields, max_error_rate = self.fields, self.max_error_rate
+        fields, max_error_rate, current_generation = self.fields, self.max_error_rate, self.current_generation
 
         def _publish(_, shard_results, spec, feature_files, dead_letter_files, dead_count):
             manifest = build_manifest(
@@ -43,7 +45,9 @@ class Publish(beam.PTransform):
                 **fields,
             )
             acceptable = error_rate(manifest.ntotal, dead_count) <= max_error_rate
-            return publish(fields["output_root"], manifest, swap_current=acceptable)
+            return publish(
+                fields["output_root"], manifest, swap_current=acceptable, current_generation=current_generation
+            )
 
         return (
             shards.pipeline

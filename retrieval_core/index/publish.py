@@ -21,16 +21,22 @@ def generation_dir(root: str, generation: str) -> str:
     return rio.join(root, "indices", generation)
 
 
-def publish(root: str, manifest: Manifest, *, swap_current: bool = True) -> str:
+def publish(root: str, manifest: Manifest, *, swap_current: bool = True, current_generation: int | None = None) -> str:
     """Write ``manifest.json`` into the generation, then point ``CURRENT`` at it. Returns the manifest path.
 
-    With ``swap_current=False`` the generation is complete and inspectable but not served.
+    Args:
+        root: output root.
+        manifest: the generation's manifest (validated here).
+        swap_current: False leaves the generation complete and inspectable but not served.
+        current_generation: on GCS, the object generation of ``CURRENT`` when the run started (0: absent);
+            the swap fails with ``PreconditionFailed`` if anyone replaced it since. None: no precondition.
     """
     manifest.validate()
     path = rio.join(generation_dir(root, manifest.generation), MANIFEST_FILE)
     rio.write_bytes_atomic(path, manifest.to_json().encode())
     if swap_current:
-        rio.write_bytes_atomic(rio.join(root, CURRENT_FILE), (manifest.generation + "\n").encode())
+        data = (manifest.generation + "\n").encode()
+        rio.write_bytes_if_generation(rio.join(root, CURRENT_FILE), data, current_generation)
     return path
 
 

@@ -17,7 +17,6 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from retrieval_core import io as rio
 from retrieval_core.encoder import Encoder
@@ -127,9 +126,7 @@ class Searcher:
                 )
         tables = []
         for entry in manifest.id_files:
-            table = pq.read_table(
-                rio.local_path(rio.join(root, entry.path)) if rio.is_local(root) else rio.join(root, entry.path)
-            )
+            table = rio.read_parquet(rio.join(root, entry.path))
             check_schema_version(table.schema.metadata, what=entry.path)
             tables.append(table.column("item_id").combine_chunks())
         item_ids = pa.concat_arrays(tables) if tables else pa.array([], pa.string())
@@ -166,10 +163,10 @@ class Searcher:
     def features_of(self, item_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Stored (embeddings, codes) of indexed items, read from this generation's feature files."""
         wanted = pa.array(item_ids, pa.string())
-        paths = [rio.local_path(rio.join(self.root, f.path)) for f in self.manifest.feature_files]
+        paths = [rio.join(self.root, f.path) for f in self.manifest.feature_files]
         found: dict[str, tuple[np.ndarray, bytes]] = {}
         for path in paths:
-            table = pq.read_table(path, columns=["item_id", "embedding", "hash_code"])
+            table = rio.read_parquet(path, columns=["item_id", "embedding", "hash_code"])
             table = table.filter(pc.is_in(table["item_id"], value_set=wanted))
             for row in table.to_pylist():
                 found[row["item_id"]] = (np.asarray(row["embedding"], np.float32), row["hash_code"])
