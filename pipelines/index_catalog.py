@@ -225,6 +225,32 @@ def build_pipeline(
     )
 
 
+def _timings(result) -> dict[str, dict]:
+    """Distribution metrics in microseconds (``*_us``) -> count, total seconds and mean milliseconds per stage."""
+    out = {}
+    for d in result.metrics().query()["distributions"]:
+        name = d.key.metric.name
+        # Ours end in _us; Beam's RunInference reports *_latency_micro_secs and *_latency_milli_secs.
+        scale = {"_us": 1, "_micro_secs": 1, "_milli_secs": 1000}.get(
+            next((suffix for suffix in ("_us", "_micro_secs", "_milli_secs") if name.endswith(suffix)), "")
+        )
+        value = d.committed if d.committed is not None else d.attempted
+        if scale is None or value is None or not value.count:
+            continue
+        key = f"{d.key.metric.namespace}.{name.removesuffix('_us')}"
+        total = out.setdefault(key, {"count": 0, "sum_us": 0})
+        total["count"] += value.count
+        total["sum_us"] += value.sum * scale
+    return {
+        k: {
+            "count": v["count"],
+            "total_s": round(v["sum_us"] / 1e6, 3),
+            "mean_ms": round(v["sum_us"] / v["count"] / 1e3, 3),
+        }
+        for k, v in sorted(out.items())
+    }
+
+
 def _counters(result) -> dict[str, int]:
     out = {}
     for c in result.metrics().query()["counters"]:
@@ -288,6 +314,7 @@ def run(argv: list[str] | None = None) -> dict:
                 k: manifest[k] for k in ("vector_factory", "binary_factory", "nprobe", "embedding_dim", "hash_bits")
             },
             "counters": counters,
+            "timings": _timings(p.result),
             "wall_s": round(time.time() - started, 3),
         }
         if published:

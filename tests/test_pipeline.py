@@ -52,6 +52,10 @@ def test_every_row_accounted_for(indexed):
     assert len(dead) == len(expect["bad"]) + expect["catalog_errors"]
     assert report["counts"]["indexed"] == len(expect["good"])
     assert report["counts"]["dead_letter"] == len(dead)
+    # Per-stage timings: one decode per readable image (good ones and the four undecodable ones).
+    decodable_or_not = len(expect["good"]) + len(expect["bad"]) - 1  # the missing file is never decoded
+    assert report["timings"]["read_and_decode.decode"]["count"] == decodable_or_not
+    assert report["timings"]["build_index.fill_and_write_shard"]["count"] == 3
     # The duplicate item_id keeps its first row (good000.jpg), the later one is dead-lettered.
     row = next(r for r in features.to_pylist() if r["item_id"] == "item000")
     assert row["image_uri"].endswith("good000.jpg")

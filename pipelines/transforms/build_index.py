@@ -12,6 +12,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
+from pipelines.transforms.timing import StageTimer
 from retrieval_core.index.build import IndexSpec, choose_spec, shard_of, train_vector_index, write_shard
 
 
@@ -35,23 +36,26 @@ class _FillShardFn(beam.DoFn):
         self.dim = dim
         self.hash_bits = hash_bits
         self.vectors_added = Metrics.counter("build_index", "vectors_added")
+        self.timer = StageTimer("build_index", "fill_and_write_shard")
 
     def process(self, keyed, trained):
         shard, items = keyed
         spec, empty_index = trained
         items = [i for i in items if i is not None]
-        yield write_shard(
-            self.generation_dir,
-            self.generation_rel,
-            shard,
-            self.num_shards,
-            items,
-            spec,
-            empty_index,
-            self.dim,
-            self.hash_bits,
-        )
+        with self.timer.time():
+            result = write_shard(
+                self.generation_dir,
+                self.generation_rel,
+                shard,
+                self.num_shards,
+                items,
+                spec,
+                empty_index,
+                self.dim,
+                self.hash_bits,
+            )
         self.vectors_added.inc(len(items))
+        yield result
 
 
 class BuildIndex(beam.PTransform):

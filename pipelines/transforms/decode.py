@@ -8,6 +8,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from pipelines.transforms.dead_letter import DEAD_LETTER_TAG, tagged_dead_letter
+from pipelines.transforms.timing import StageTimer
 from retrieval_core import io as rio
 from retrieval_core.preprocess import DecodeError, DecodeLimits, Preprocessing, decode_image
 
@@ -31,11 +32,14 @@ class _ReadAndDecodeFn(beam.DoFn):
         self.decode_failed = Metrics.counter("read_and_decode", "decode_failed")
         self.decoded = Metrics.counter("read_and_decode", "decoded")
         self.bytes_read = Metrics.counter("read_and_decode", "bytes_read")
+        self.read_timer = StageTimer("read_and_decode", "read")
+        self.decode_timer = StageTimer("read_and_decode", "decode")
 
     def process(self, row: dict):
         uri = row["image_uri"]
         try:
-            data = rio.read_bytes(uri)
+            with self.read_timer.time():
+                data = rio.read_bytes(uri)
         except Exception as e:  # any read failure is this row's problem only
             self.read_failed.inc()
             yield tagged_dead_letter(
@@ -50,7 +54,8 @@ class _ReadAndDecodeFn(beam.DoFn):
             return
         self.bytes_read.inc(len(data))
         try:
-            decoded = decode_image(data, self.prep, self.limits)
+            with self.decode_timer.time():
+                decoded = decode_image(data, self.prep, self.limits)
         except DecodeError as e:
             self.decode_failed.inc()
             yield tagged_dead_letter(

@@ -17,6 +17,7 @@ from apache_beam.metrics import Metrics
 
 from pipelines.transforms.dead_letter import DEAD_LETTER_TAG, tagged_dead_letter
 from pipelines.transforms.decode import read_error_type
+from pipelines.transforms.timing import StageTimer
 from retrieval_core import io as rio
 
 CARRIED_TAG = "carried"
@@ -28,10 +29,12 @@ class _HashContentFn(beam.DoFn):
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
         self.read_failed = Metrics.counter("read_and_decode", "read_failed")
+        self.timer = StageTimer("incremental", "read_and_hash")
 
     def process(self, row: dict):
         try:
-            digest = hashlib.sha256(rio.read_bytes(row["image_uri"])).hexdigest()
+            with self.timer.time():
+                digest = hashlib.sha256(rio.read_bytes(row["image_uri"])).hexdigest()
         except Exception as e:  # this row's problem only
             self.read_failed.inc()
             yield tagged_dead_letter(
