@@ -138,3 +138,31 @@ def test_bad_flags_exit_2(tmp_path, tiny_bundle):
     out = str(tmp_path / "out")
     assert main([f"--catalog={tmp_path}/nope.csv", f"--output={out}", f"--bundle={tiny_bundle[0]}"]) == EXIT_USAGE
     assert main([f"--catalog={tmp_path}/c.txt", f"--output={out}", f"--bundle={tiny_bundle[0]}"]) == EXIT_USAGE
+
+
+def test_two_runs_started_at_once(tmp_path, tiny_bundle):
+    """Real processes racing for one output: one publishes, the other stops with exit 3 and a clear message."""
+    catalog, expect = write_catalog(str(tmp_path / "c"), 12, broken=False, duplicate=False)
+    out = str(tmp_path / "out")
+    procs = []
+    for name in ("a", "b"):
+        argv = [
+            f"--catalog={catalog}",
+            f"--output={out}",
+            f"--bundle={tiny_bundle[0]}",
+            f"--runner={LOCAL_RUNNER}",
+            f"--run_id={name}",
+        ]
+        code = f"import sys; from pipelines.index_catalog import main; sys.exit(main({argv!r}))"
+        procs.append(
+            subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, EXIT_LOCKED], results
+    loser = next(err for code, err in results if code == EXIT_LOCKED)
+    assert "another run is writing to" in loser
+    winner = read_current(out)
+    assert winner in ("a", "b") and Searcher.open(out).ntotal == len(expect["good"])
+    assert not os.path.exists(os.path.join(out, LOCK_FILE))
+    assert not os.path.exists(os.path.join(out, "indices", "b" if winner == "a" else "a"))
