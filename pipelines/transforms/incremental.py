@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.metrics import Metrics
 
 from pipelines.transforms.dead_letter import DEAD_LETTER_TAG, tagged_dead_letter
@@ -69,6 +70,7 @@ class _ClassifyFn(beam.DoFn):
             self.counters["unchanged"].inc()
             carried = {
                 **prev,
+                "embedding": np.asarray(prev["embedding"], dtype=np.float32),
                 "image_uri": row["image_uri"],
                 "catalog": sorted(row["catalog"].items()),
                 "run_id": self.run_id,

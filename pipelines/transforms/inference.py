@@ -74,7 +74,7 @@ def to_feature_row(meta: dict, result: PredictionResult, run_id: str, indexed_at
         "image_uri": meta["image_uri"],
         "content_sha256": meta["content_sha256"],
         "model_id": result.model_id,
-        "embedding": inf["embedding"].astype(np.float32).tolist(),
+        "embedding": np.ascontiguousarray(inf["embedding"], dtype=np.float32),  # pickles far faster than a list
         "hash_code": inf["hash_code"],
         "category": inf["category"],
         "category_score": inf["category_score"],
