@@ -32,7 +32,7 @@ from pipelines.transforms.inference import Embed
 from pipelines.transforms.publish import Publish, error_rate
 from pipelines.transforms.write import WriteTable
 from retrieval_core import io as rio
-from retrieval_core.bundle import BundleConfig, read_bundle_config
+from retrieval_core.bundle import BundleConfig, verify_bundle
 from retrieval_core.encoder import resolve_device
 from retrieval_core.index.publish import CURRENT_FILE, MANIFEST_FILE, load_manifest, read_current
 from schemas import DEAD_LETTER_SCHEMA, feature_schema
@@ -268,7 +268,7 @@ def run(argv: list[str] | None = None) -> dict:
     """
     options = PipelineOptions(argv)
     config = IndexConfig.from_options(options)
-    bundle = read_bundle_config(config.bundle)
+    bundle = verify_bundle(config.bundle)  # a corrupt bundle is exit 2 now, not a crash on every worker
     runner = options.view_as(StandardOptions).runner
     if runner is None or runner in LOCAL_RUNNERS:
         resolve_device(config.device)  # --device cuda with no GPU: fail now, before any work

@@ -127,19 +127,29 @@ def read_bundle_config(bundle_dir: str) -> BundleConfig:
     return BundleConfig.from_json(rio.read_bytes(path))
 
 
+def verify_bundle(bundle_dir: str) -> BundleConfig:
+    """Check a bundle without building its model: config parses, weights exist and hash to ``model_id``.
+
+    Cheap enough to run at the start of a pipeline, so a corrupt bundle is a clear error before any work,
+    not a crash on every worker.
+    """
+    config = read_bundle_config(bundle_dir)
+    weights_path = rio.join(bundle_dir, WEIGHTS_FILE)
+    if not rio.exists(weights_path):
+        raise BundleError(f"no {WEIGHTS_FILE} in {bundle_dir}")
+    if compute_model_id(config, rio.read_bytes(weights_path)) != config.model_id:
+        raise BundleError(f"{bundle_dir}: weights do not match model_id {config.model_id} (corrupt or edited bundle)")
+    return config
+
+
 def load_bundle(bundle_dir: str, device: str = "cpu") -> tuple[BundleConfig, nn.Module]:
     """Load a bundle's config and model (eval mode, on ``device``), checking the weights against the model id.
 
     Raises:
         BundleError: missing or malformed files, or weights that do not hash to the stored ``model_id``.
     """
-    config = read_bundle_config(bundle_dir)
-    weights_path = rio.join(bundle_dir, WEIGHTS_FILE)
-    if not rio.exists(weights_path):
-        raise BundleError(f"no {WEIGHTS_FILE} in {bundle_dir}")
-    weights = rio.read_bytes(weights_path)
-    if compute_model_id(config, weights) != config.model_id:
-        raise BundleError(f"{bundle_dir}: weights do not match model_id {config.model_id} (corrupt or edited bundle)")
+    config = verify_bundle(bundle_dir)
+    weights = rio.read_bytes(rio.join(bundle_dir, WEIGHTS_FILE))
     try:
         state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
         model = create_model(config.model_name, **config.model_config)

@@ -166,3 +166,19 @@ def test_two_runs_started_at_once(tmp_path, tiny_bundle):
     assert winner in ("a", "b") and Searcher.open(out).ntotal == len(expect["good"])
     assert not os.path.exists(os.path.join(out, LOCK_FILE))
     assert not os.path.exists(os.path.join(out, "indices", "b" if winner == "a" else "a"))
+
+
+def test_corrupt_bundle_exits_2_before_any_work(tmp_path, tiny_bundle, capsys):
+    import shutil
+
+    bundle = str(tmp_path / "bundle")
+    shutil.copytree(tiny_bundle[0], bundle)
+    weights = os.path.join(bundle, "weights.pt")
+    data = bytearray(open(weights, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(weights, "wb").write(bytes(data))
+    catalog, _ = write_catalog(str(tmp_path / "c"), 2, broken=False, duplicate=False)
+    out = str(tmp_path / "out")
+    assert main([f"--catalog={catalog}", f"--output={out}", f"--bundle={bundle}"]) == EXIT_USAGE
+    assert "do not match model_id" in capsys.readouterr().err
+    assert not os.path.exists(out)
