@@ -15,7 +15,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from apache_beam.io.filesystems import FileSystems
@@ -232,11 +232,6 @@ def write_bytes_if_generation(path: str, data: bytes, generation: int | None) ->
         raise PreconditionFailed(f"{path} changed since generation {generation}: another writer") from e
 
 
-def makedirs(path: str) -> None:
-    if is_local(path):
-        os.makedirs(local_path(path), exist_ok=True)
-
-
 def sha256_file(path: str) -> tuple[str, int]:
     """Return (hex sha256, size in bytes) of a file, streamed."""
     h, size = hashlib.sha256(), 0
@@ -251,8 +246,3 @@ def list_files(pattern: str) -> list[str]:
     """Paths matching a glob, sorted."""
     result = FileSystems.match([pattern])[0]
     return sorted(m.path for m in result.metadata_list)
-
-
-def iter_lines(path: str) -> Iterator[bytes]:
-    with open_read(path) as f:
-        yield from f

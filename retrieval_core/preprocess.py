@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -83,7 +83,6 @@ class DecodedImage:
     height: int
     format: str
     mode: str  # PIL mode of the original
-    extra: dict = field(default_factory=dict)
 
 
 def decode_image(data: bytes, prep: Preprocessing | None = None, limits: DecodeLimits | None = None) -> DecodedImage:

@@ -100,10 +100,10 @@ class BuildIndex(beam.PTransform):
             )
         )
         # Every shard exists even when no item hashes to it, so the manifest always lists num_shards shards.
-        placeholders = slim.pipeline | "AllShards" >> beam.Create([(s, None) for s in range(n)])
+        shard_keys = slim.pipeline | "AllShards" >> beam.Create([(s, None) for s in range(n)])
         keyed = slim | "KeyByShard" >> beam.Map(lambda t: (shard_of(t[0], n), t))
         shards = (
-            (keyed, placeholders)
+            (keyed, shard_keys)
             | "WithAllShards" >> beam.Flatten()
             | "GroupByShard" >> beam.GroupByKey()
             | "FillShards"

@@ -23,6 +23,19 @@ def read_error_type(e: Exception) -> str:
     return type(e).__name__
 
 
+def read_failure(row: dict, e: Exception, run_id: str) -> beam.pvalue.TaggedOutput:
+    """The dead-letter output for a catalog row whose image could not be read."""
+    return tagged_dead_letter(
+        "read",
+        read_error_type(e),
+        f"{type(e).__name__}: {e}",
+        run_id=run_id,
+        item_id=row["item_id"],
+        image_uri=row["image_uri"],
+        row=row,
+    )
+
+
 class _ReadAndDecodeFn(beam.DoFn):
     def __init__(self, prep: Preprocessing, limits: DecodeLimits, run_id: str) -> None:
         self.prep = prep
@@ -42,15 +55,7 @@ class _ReadAndDecodeFn(beam.DoFn):
                 data = rio.read_bytes(uri)
         except Exception as e:  # any read failure is this row's problem only
             self.read_failed.inc()
-            yield tagged_dead_letter(
-                "read",
-                read_error_type(e),
-                f"{type(e).__name__}: {e}",
-                run_id=self.run_id,
-                item_id=row["item_id"],
-                image_uri=uri,
-                row=row,
-            )
+            yield read_failure(row, e, self.run_id)
             return
         self.bytes_read.inc(len(data))
         try:

@@ -16,8 +16,8 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from pipelines.transforms.dead_letter import DEAD_LETTER_TAG, tagged_dead_letter
-from pipelines.transforms.decode import read_error_type
+from pipelines.transforms.dead_letter import DEAD_LETTER_TAG
+from pipelines.transforms.decode import read_failure
 from pipelines.transforms.timing import StageTimer
 from retrieval_core import io as rio
 
@@ -38,15 +38,7 @@ class _HashContentFn(beam.DoFn):
                 digest = hashlib.sha256(rio.read_bytes(row["image_uri"])).hexdigest()
         except Exception as e:  # this row's problem only
             self.read_failed.inc()
-            yield tagged_dead_letter(
-                "read",
-                read_error_type(e),
-                f"{type(e).__name__}: {e}",
-                run_id=self.run_id,
-                item_id=row["item_id"],
-                image_uri=row["image_uri"],
-                row=row,
-            )
+            yield read_failure(row, e, self.run_id)
             return
         yield row["item_id"], {**row, "content_sha256": digest}
 
