@@ -215,12 +215,8 @@ class Searcher:
             all_i.append(np.where(i >= 0, i + offset, -1))
         n = len(q)
         if not all_d:
-            return SearchResult(
-                np.full((n, k), -1, np.int64),
-                np.zeros((n, k)),
-                [[None] * k for _ in range(n)],
-                self._metric(higher_is_better),
-            )
+            empty = np.full((n, k), -1, np.int64)
+            return SearchResult(empty, np.zeros((n, k)), self._names(empty), self._metric(higher_is_better))
         d, i = np.concatenate(all_d, axis=1), np.concatenate(all_i, axis=1)
         worst = -np.inf if higher_is_better else np.inf
         d = np.where(i >= 0, d, worst)
@@ -233,12 +229,16 @@ class Searcher:
             pad = k - ids.shape[1]
             ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
             scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=worst)
-        items = self.item_ids.to_pylist() if n * k > 1000 else None
-        names = [
-            [(items[j] if items is not None else self.item_ids[int(j)].as_py()) if j >= 0 else None for j in row]
-            for row in ids
-        ]
-        return SearchResult(ids, scores, names, self._metric(higher_is_better))
+        return SearchResult(ids, scores, self._names(ids), self._metric(higher_is_better))
+
+    def _names(self, ids: np.ndarray) -> list[list[str | None]]:
+        """Item ids of faiss ids (None for -1), looked up only for the ids asked for."""
+        flat = ids.ravel()
+        valid = flat >= 0
+        names = np.full(flat.shape, None, dtype=object)
+        if valid.any():
+            names[valid] = self.item_ids.take(pa.array(flat[valid])).to_pylist()
+        return names.reshape(ids.shape).tolist()
 
     def _metric(self, higher_is_better: bool) -> str:
         return self.manifest.metric if higher_is_better else "hamming"
