@@ -98,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     gen_dir = os.path.join(output, "indices", report["generation"])
     print("\n== make index: done in %.0f s ==" % (time.time() - started))
     print(f"catalog rows     {c['catalog_rows']}  ->  indexed {c['indexed']}, dead-letter {c['dead_letter']}")
+    print(
+        f"{report['mode']:16s} new {c['new']}, changed {c['changed']}, unchanged {c['unchanged']} (not re-embedded), "
+        f"removed {c['removed']}"
+    )
     print(f"features         {output}/features/run={report['run_id']}/")
     print(f"dead letter      {output}/dead_letter/run={report['run_id']}/")
     print(
