@@ -332,9 +332,19 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_ERROR_RATE = 0, 1, 2, 3, 4
 def main(argv: list[str] | None = None) -> int:
     """Console entry point. Exit codes: 0 published, 1 pipeline failed, 2 bad flags or inputs,
     3 another run holds the output, 4 written but not published (error rate above --max_error_rate)."""
+    argv = list(argv if argv is not None else sys.argv[1:])
+    if "-h" in argv or "--help" in argv:  # PipelineOptions would swallow --help; show our flags
+        parser = argparse.ArgumentParser(
+            prog="retrieval-index",
+            description=__doc__.split("\n\n")[0],
+            epilog="Every other flag is a standard Beam pipeline option (--runner, --temp_location, --project, ...).",
+        )
+        IndexOptions._add_argparse_args(parser)
+        parser.print_help()
+        return EXIT_OK
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        report = run(argv if argv is not None else sys.argv[1:])
+        report = run(argv)
     except LockedError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_LOCKED

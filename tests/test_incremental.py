@@ -182,3 +182,9 @@ def test_corrupt_bundle_exits_2_before_any_work(tmp_path, tiny_bundle, capsys):
     assert main([f"--catalog={catalog}", f"--output={out}", f"--bundle={bundle}"]) == EXIT_USAGE
     assert "do not match model_id" in capsys.readouterr().err
     assert not os.path.exists(out)
+
+
+def test_help_lists_the_pipeline_flags(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(flag in out for flag in ("--catalog", "--output", "--bundle", "--full", "--max_error_rate"))
