@@ -170,7 +170,13 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        peak = float(arr.max()) if arr.size else 0.0
+        if img.mode.startswith("I;16") or peak > 255:
+            hi = 65535.0
+        elif img.mode == "F" and peak <= 1.0:
+            hi = 1.0  # float images are usually in [0, 1]
+        else:
+            hi = 255.0
         arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(arr, mode="L").convert("RGB")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):

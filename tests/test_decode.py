@@ -348,3 +348,13 @@ def test_fuzzed_images_decode_or_raise_decode_error():
                 assert e.error_type in ERROR_TYPES
             else:
                 assert dec.pixels.shape == (16, 16, 3) and dec.pixels.dtype == np.uint8
+
+
+def test_float_image_in_unit_range_is_scaled_to_8_bit():
+    """A float image with values in [0, 1] (mode F, e.g. a TIFF) spans 0..255, not 0..1."""
+    arr = np.linspace(0, 1, 1024, dtype=np.float32).reshape(32, 32)
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode="F").save(buf, format="TIFF")
+    pixels = decode_image(buf.getvalue()).pixels
+    assert pixels.max() == 255 and pixels.min() == 0
+    np.testing.assert_allclose(pixels[..., 0], np.round(arr * 255), atol=1)

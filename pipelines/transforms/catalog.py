@@ -8,7 +8,6 @@ go to the dead-letter output; the first occurrence of a repeated id is kept.
 from __future__ import annotations
 
 import csv
-import io
 import json
 from collections.abc import Iterator
 
@@ -63,18 +62,45 @@ def iter_raw_rows(path: str) -> Iterator[tuple[int, dict | None, str | None]]:
             yield (n, row, None) if isinstance(row, dict) else (n, None, "a JSON line must be an object")
         return
     text = data.decode("utf-8-sig", errors="replace")  # bad bytes become U+FFFD, never a lost catalog
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    missing = [c for c in REQUIRED_CATALOG_COLUMNS if c not in (reader.fieldnames or [])]
+    yield from _iter_csv(path, text.splitlines(keepends=True))
+
+
+def _iter_csv(path: str, lines: list[str]) -> Iterator[tuple[int, dict | None, str | None]]:
+    """Strict CSV parsing that survives a broken record.
+
+    The csv module's lenient mode lets an unclosed quote swallow the rest of the file into one field,
+    silently. Here a record that fails strict parsing becomes an error for its first physical line, and
+    parsing resumes on the next line, so one bad line costs one row.
+    """
+    header_reader = csv.reader(lines, strict=True)
+    try:
+        fieldnames = next(header_reader, None)
+    except csv.Error as e:
+        raise CatalogError(f"{path}: unreadable CSV header: {e}") from e
+    missing = [c for c in REQUIRED_CATALOG_COLUMNS if c not in (fieldnames or [])]
     if missing:
-        raise CatalogError(f"{path}: missing required columns {missing}; header is {reader.fieldnames}")
-    for row in reader:
-        n = reader.line_num
-        if None in row:
-            yield n, None, f"{len(reader.fieldnames) + len(row[None])} fields, header has {len(reader.fieldnames)}"
-        elif any(v is None for v in row.values()):
-            yield n, None, f"fewer fields than the {len(reader.fieldnames)} of the header"
-        else:
-            yield n, row, None
+        raise CatalogError(f"{path}: missing required columns {missing}; header is {fieldnames}")
+    pos = header_reader.line_num  # index of the first physical line not yet parsed
+    while pos < len(lines):
+        reader = csv.reader(lines[pos:], strict=True)
+        consumed = 0  # lines of lines[pos:] taken by complete records so far
+        try:
+            for fields in reader:
+                n = pos + reader.line_num  # 1-based physical line where the record ends
+                consumed = reader.line_num
+                if not fields:
+                    continue  # blank line
+                if len(fields) > len(fieldnames):
+                    yield n, None, f"{len(fields)} fields, header has {len(fieldnames)}"
+                elif len(fields) < len(fieldnames):
+                    yield n, None, f"fewer fields ({len(fields)}) than the {len(fieldnames)} of the header"
+                else:
+                    yield n, dict(zip(fieldnames, fields)), None
+            return
+        except csv.Error as e:
+            bad = pos + consumed  # index of the broken record's first line
+            yield bad + 1, None, f"malformed CSV record starting here: {e}"
+            pos = bad + 1
 
 
 def normalise_row(row: dict, base_dir: str) -> tuple[dict | None, str | None]:
