@@ -17,6 +17,12 @@ from retrieval_core.preprocess import Preprocessing
 
 LOCAL_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
 
+
+def pipeline_flags(catalog: str, out: str, bundle: str, *extra: str) -> list[str]:
+    """Flags of an indexing run on the local runner; ``extra`` adds or sets the rest (shards, run id, ...)."""
+    return [f"--catalog={catalog}", f"--output={out}", f"--bundle={bundle}", f"--runner={LOCAL_RUNNER}", *extra]
+
+
 TINY_CONFIG = {
     "embedding_dim": 16,
     "hash_bits": 16,

@@ -13,7 +13,7 @@ from collections import Counter
 import pyarrow.parquet as pq
 import pytest
 from bad_corpus import DECODE_ERROR_TYPES, UNICODE_ID, Case, unlock, write_bad_corpus
-from conftest import LOCAL_RUNNER, make_tiny_bundle
+from conftest import make_tiny_bundle, pipeline_flags
 
 from pipelines.index_catalog import main, run
 from pipelines.transforms.catalog import iter_raw_rows
@@ -26,16 +26,7 @@ RUN_ID = "corpus"
 
 
 def _flags(catalog: str, out: str, bundle: str, run_id: str, *extra: str) -> list[str]:
-    return [
-        f"--catalog={catalog}",
-        f"--output={out}",
-        f"--bundle={bundle}",
-        f"--runner={LOCAL_RUNNER}",
-        f"--run_id={run_id}",
-        "--num_shards=2",
-        "--batch_size=16",
-        *extra,
-    ]
+    return pipeline_flags(catalog, out, bundle, f"--run_id={run_id}", "--num_shards=2", "--batch_size=16", *extra)
 
 
 @pytest.fixture(scope="module")

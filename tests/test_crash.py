@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import LOCAL_RUNNER, write_catalog
+from conftest import pipeline_flags, write_catalog
 
 from pipelines.index_catalog import run
 from retrieval_core.index.publish import read_current
@@ -27,14 +27,7 @@ KILL_POINTS = {
 
 
 def args(catalog: str, out: str, bundle: str, run_id: str) -> list[str]:
-    return [
-        f"--catalog={catalog}",
-        f"--output={out}",
-        f"--bundle={bundle}",
-        f"--runner={LOCAL_RUNNER}",
-        "--num_shards=3",
-        f"--run_id={run_id}",
-    ]
+    return pipeline_flags(catalog, out, bundle, "--num_shards=3", f"--run_id={run_id}")
 
 
 def served(out: str) -> dict[str, np.ndarray]:

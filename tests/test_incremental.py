@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import LOCAL_RUNNER, jpeg_bytes, write_catalog
+from conftest import LOCAL_RUNNER, jpeg_bytes, pipeline_flags, write_catalog
 
 from pipelines.index_catalog import EXIT_ERROR_RATE, EXIT_LOCKED, EXIT_USAGE, main, run
 from pipelines.lifecycle import LOCK_FILE, LockedError
@@ -20,17 +20,7 @@ from retrieval_core.search import Searcher
 
 
 def _run(catalog: str, out: str, bundle: str, run_id: str, *extra: str) -> dict:
-    return run(
-        [
-            f"--catalog={catalog}",
-            f"--output={out}",
-            f"--bundle={bundle}",
-            f"--runner={LOCAL_RUNNER}",
-            "--num_shards=2",
-            f"--run_id={run_id}",
-            *extra,
-        ]
-    )
+    return run(pipeline_flags(catalog, out, bundle, "--num_shards=2", f"--run_id={run_id}", *extra))
 
 
 def features(out: str, run_id: str) -> dict[str, dict]:

@@ -11,7 +11,7 @@ import faiss
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import LOCAL_RUNNER, write_catalog
+from conftest import pipeline_flags, write_catalog
 
 from pipelines.index_catalog import run
 from retrieval_core.index.publish import load_manifest, read_current
@@ -20,17 +20,7 @@ from schemas import DEAD_LETTER_SCHEMA, ManifestError, check_schema_version, fea
 
 
 def _run(catalog: str, out: str, bundle: str, *extra: str) -> dict:
-    return run(
-        [
-            f"--catalog={catalog}",
-            f"--output={out}",
-            f"--bundle={bundle}",
-            f"--runner={LOCAL_RUNNER}",
-            "--num_shards=3",
-            "--batch_size=8",
-            *extra,
-        ]
-    )
+    return run(pipeline_flags(catalog, out, bundle, "--num_shards=3", "--batch_size=8", *extra))
 
 
 @pytest.fixture(scope="module")
