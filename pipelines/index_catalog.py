@@ -5,7 +5,9 @@
 
 Any standard Beam flag (``--runner``, ``--temp_location``, ``--project``, ...) is
 passed to the runner. The graph: ReadCatalog -> ReadAndDecode -> Embed
-(RunInference) -> WriteFeatures / WriteDeadLetter -> BuildIndex -> Publish.
+(RunInference) -> WriteFeatures / WriteDeadLetter -> BuildIndex (from the written
+feature files) -> Publish. An incremental run adds SkipUnchanged before decoding;
+its carried rows are written as feature files directly.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pipelines.transforms.decode import ReadAndDecode
 from pipelines.transforms.incremental import SkipUnchanged
 from pipelines.transforms.inference import Embed
 from pipelines.transforms.publish import Publish, error_rate
-from pipelines.transforms.write import WriteTable
+from pipelines.transforms.write import WriteTable, table_prefix
 from retrieval_core import io as rio
 from retrieval_core.bundle import BundleConfig, verify_bundle
 from retrieval_core.encoder import resolve_device
@@ -143,18 +145,19 @@ class IndexConfig:
         return self.run_id
 
 
-def previous_feature_files(config: IndexConfig, bundle: BundleConfig) -> list[str]:
-    """Feature files of the published generation that this run may carry rows over from ([] = full run)."""
+def previous_feature_files(config: IndexConfig, bundle: BundleConfig) -> tuple[list[str], int]:
+    """Feature files of the published generation that this run may carry rows over from, and how many rows
+    they hold (([], 0): a full run)."""
     if config.full:
-        return []
+        return [], 0
     try:
         manifest = load_manifest(config.output)
     except FileNotFoundError:
-        return []
+        return [], 0
     if manifest.model_id != bundle.model_id:
         log.info("published generation used model %s, this run %s: full rebuild", manifest.model_id, bundle.model_id)
-        return []
-    return [rio.join(config.output, f.path) for f in manifest.feature_files]
+        return [], 0
+    return [rio.join(config.output, f.path) for f in manifest.feature_files], manifest.ntotal
 
 
 class _CountNewFn(beam.DoFn):
@@ -169,21 +172,35 @@ class _CountNewFn(beam.DoFn):
 
 
 def build_pipeline(
-    p: beam.Pipeline, config: IndexConfig, bundle: BundleConfig, previous: list[str], current_generation: int = 0
+    p: beam.Pipeline,
+    config: IndexConfig,
+    bundle: BundleConfig,
+    previous: list[str],
+    current_generation: int = 0,
+    previous_rows: int = 0,
 ) -> None:
     """Add the whole indexing graph to ``p``.
 
-    ``previous`` are the feature files to carry unchanged rows from; ``current_generation`` is the GCS object
-    generation of ``CURRENT`` when the run started (the precondition of the final swap).
+    ``previous`` are the feature files to carry unchanged rows from (``previous_rows`` rows in all);
+    ``current_generation`` is the GCS object generation of ``CURRENT`` when the run started (the
+    precondition of the final swap).
     """
     indexed_at = dt.datetime.now(dt.UTC)
     schema = feature_schema(bundle.embedding_dim, bundle.hash_bits)
     generation_rel = f"indices/{config.generation}"
 
-    rows, bad_rows = p | "ReadCatalog" >> ReadCatalog(config.catalog, config.run_id)
-    dead_parts, carried = [bad_rows], None
+    # An incremental run groups by item id in its join anyway and drops duplicates there.
+    rows, bad_rows = p | "ReadCatalog" >> ReadCatalog(config.catalog, config.run_id, dedupe=not previous)
+    dead_parts, carried_files = [bad_rows], None
     if previous:
-        rows, carried, bad_reads = rows | "SkipUnchanged" >> SkipUnchanged(previous, bundle.model_id, config.run_id)
+        rows, carried_files, bad_reads = rows | "SkipUnchanged" >> SkipUnchanged(
+            previous,
+            previous_rows,
+            bundle.model_id,
+            config.run_id,
+            table_prefix(config.output, "features", config.run_id),
+            schema,
+        )
         dead_parts.append(bad_reads)
     else:
         rows = rows | "AllNew" >> beam.ParDo(_CountNewFn())
@@ -191,18 +208,17 @@ def build_pipeline(
     features, failed = decoded | "Embed" >> Embed(
         config.bundle, config.device, config.batch_size, config.run_id, indexed_at
     )
-    if carried is not None:
-        features = (features, carried) | "WithCarried" >> beam.Flatten()
     dead = (*dead_parts, bad_images, failed) | "AllDeadLetters" >> beam.Flatten()
 
     feature_files = features | "WriteFeatures" >> WriteTable(
         config.output, "features", config.run_id, schema, config.feature_shards
     )
+    if carried_files is not None:
+        feature_files = (feature_files, carried_files) | "WithCarried" >> beam.Flatten()
     dead_files = dead | "WriteDeadLetter" >> WriteTable(
         config.output, "dead_letter", config.run_id, DEAD_LETTER_SCHEMA, 1
     )
-    dead_count = dead | "CountDeadLetters" >> beam.combiners.Count.Globally()
-    shards, spec = features | "BuildIndex" >> BuildIndex(
+    shards, spec = feature_files | "BuildIndex" >> BuildIndex(
         rio.join(config.output, generation_rel),
         generation_rel,
         num_shards=config.num_shards,
@@ -212,7 +228,7 @@ def build_pipeline(
         nprobe=config.nprobe,
         train_sample_size=config.train_sample_size,
     )
-    _ = (shards, spec, feature_files, dead_files, dead_count) | "Publish" >> Publish(
+    _ = (shards, spec, feature_files, dead_files) | "Publish" >> Publish(
         max_error_rate=config.max_error_rate,
         current_generation=current_generation,
         output_root=config.output,
@@ -273,7 +289,7 @@ def run(argv: list[str] | None = None) -> dict:
     if runner is None or runner in LOCAL_RUNNERS:
         resolve_device(config.device)  # --device cuda with no GPU: fail now, before any work
     with OutputLock(config.output, config.run_id):
-        previous = previous_feature_files(config, bundle)
+        previous, previous_rows = previous_feature_files(config, bundle)
         current_generation = rio.object_generation(rio.join(config.output, CURRENT_FILE))
         log.info(
             "run %s: catalog %s -> %s (model %s, %s)",
@@ -285,7 +301,7 @@ def run(argv: list[str] | None = None) -> dict:
         )
         started = time.time()
         with beam.Pipeline(options=options) as p:
-            build_pipeline(p, config, bundle, previous, current_generation)
+            build_pipeline(p, config, bundle, previous, current_generation, previous_rows)
         manifest_path = rio.join(config.output, "indices", config.generation, MANIFEST_FILE)
         manifest = json.loads(rio.read_bytes(manifest_path))
         published = (

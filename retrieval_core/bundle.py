@@ -106,6 +106,7 @@ def save_bundle(out_dir: str, model: nn.Module, config: BundleConfig) -> BundleC
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".bundle-", dir=parent)
     try:
+        os.chmod(tmp, rio.DIR_MODE)  # mkdtemp makes it 0700: unreadable to a worker or server running as another user
         with open(os.path.join(tmp, WEIGHTS_FILE), "wb") as f:
             f.write(weights)
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:

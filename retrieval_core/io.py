@@ -159,14 +159,39 @@ def open_read(path: str):
     return open(local_path(path), "rb") if is_local(path) else FileSystems.open(path)
 
 
+def _process_umask() -> int:
+    """The umask, read without changing it (``os.umask`` sets it, which races with other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # no /proc: read it the classic way, at import time
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _process_umask()
+FILE_MODE = 0o666 & ~_UMASK
+"""Mode of the files written here: what ``open(path, "w")`` gives under this process's umask."""
+DIR_MODE = 0o777 & ~_UMASK
+
+
 def write_bytes_atomic(path: str, data: bytes) -> None:
-    """Write ``data`` so that readers see either the old file or the complete new one."""
+    """Write ``data`` so that readers see either the old file or the complete new one.
+
+    Local files get the mode a plain ``open(path, "w")`` would give (``mkstemp`` alone makes them 0600,
+    which a serving process running as another user could not read).
+    """
     if is_local(path):
         path = local_path(path)
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
         try:
+            os.fchmod(fd, FILE_MODE)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -240,6 +265,16 @@ def sha256_file(path: str) -> tuple[str, int]:
             h.update(chunk)
             size += len(chunk)
     return h.hexdigest(), size
+
+
+def parquet_rows(path: str) -> int:
+    """Number of rows of a Parquet file, from its footer (local or any URI Beam can open)."""
+    import pyarrow.parquet as pq
+
+    if is_local(path):
+        return pq.read_metadata(local_path(path)).num_rows
+    with open_read(path) as f:
+        return pq.read_metadata(f).num_rows
 
 
 def list_files(pattern: str) -> list[str]:

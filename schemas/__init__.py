@@ -8,6 +8,7 @@ from schemas.tables import (
     IDS_SCHEMA,
     REQUIRED_CATALOG_COLUMNS,
     SCHEMA_VERSION,
+    STRING_MAP,
     check_schema_version,
     feature_schema,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "IDS_SCHEMA",
     "REQUIRED_CATALOG_COLUMNS",
     "SCHEMA_VERSION",
+    "STRING_MAP",
     "FileEntry",
     "Manifest",
     "ManifestError",

@@ -106,3 +106,18 @@ def test_cuda_request_without_cuda_fails_loudly():
         resolve_device("cuda")
     with pytest.raises(ValueError):
         resolve_device("tpu")
+
+
+def test_written_files_and_bundles_get_the_umask_mode(tmp_path, tiny_bundle):
+    """Atomic writes go through mkstemp/mkdtemp (0600/0700); the results must be as readable as a plain open()."""
+    from retrieval_core import io as rio
+
+    path = str(tmp_path / "sub" / "f.bin")
+    rio.write_bytes_atomic(path, b"x")
+    assert os.stat(path).st_mode & 0o777 == rio.FILE_MODE
+    assert os.stat(tiny_bundle[0]).st_mode & 0o777 == rio.DIR_MODE
+    mask = 0o777 & ~rio.DIR_MODE
+    assert rio.FILE_MODE == 0o666 & ~mask
+    current = os.umask(mask)  # the value read from /proc is the real one
+    os.umask(current)
+    assert current == mask

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import glob
 import json
 import os
@@ -9,12 +10,14 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import LOCAL_RUNNER, jpeg_bytes, pipeline_flags, write_catalog
 
 from pipelines.index_catalog import EXIT_ERROR_RATE, EXIT_LOCKED, EXIT_USAGE, main, run
 from pipelines.lifecycle import LOCK_FILE, LockedError
+from pipelines.transforms import incremental
 from retrieval_core.index.publish import read_current
 from retrieval_core.search import Searcher
 
@@ -44,7 +47,9 @@ def edit_catalog(catalog: str) -> None:
         f.write("\n".join(kept) + "\n")
 
 
-def test_incremental_run_equals_a_full_run(tmp_path, tiny_bundle):
+@pytest.mark.parametrize("rows_per_partition", [20_000, 3], ids=["one-partition", "many-partitions"])
+def test_incremental_run_equals_a_full_run(tmp_path, tiny_bundle, monkeypatch, rows_per_partition):
+    monkeypatch.setattr(incremental, "ROWS_PER_PARTITION", rows_per_partition)  # 3: 7 partitions for 20 items
     bundle = tiny_bundle[0]
     catalog, _ = write_catalog(str(tmp_path / "c"), 20, broken=False, duplicate=False)
     out = str(tmp_path / "out")
@@ -178,3 +183,68 @@ def test_help_lists_the_pipeline_flags(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert all(flag in out for flag in ("--catalog", "--output", "--bundle", "--full", "--max_error_rate"))
+
+
+def dead_letters(out: str, run_id: str) -> list[tuple]:
+    table = pq.read_table(glob.glob(f"{out}/dead_letter/run={run_id}/*.parquet"))
+    return sorted((r["item_id"], r["image_uri"], r["stage"], r["error_type"]) for r in table.to_pylist())
+
+
+def test_incremental_run_treats_bad_input_as_a_full_run_does(tmp_path, tiny_bundle):
+    """Duplicates, unreadable and undecodable images: an incremental run (which drops duplicates in its join
+    and hashes after it) gives the same dead letters, the same features and the same index as ``--full``."""
+    bundle = tiny_bundle[0]
+    catalog, expect = write_catalog(str(tmp_path / "c"), 6)  # broken images, a duplicate id and an empty id
+    out = str(tmp_path / "out")
+    _run(catalog, out, bundle, "day1")
+    second = _run(catalog, out, bundle, "day2")
+    assert second["mode"] == "incremental"
+    c = second["counts"]
+    assert c["unchanged"] == len(expect["good"]) and c["removed"] == 0
+    assert second["counters"]["read_catalog.duplicate_item_ids"] == 1
+    full = _run(catalog, str(tmp_path / "full"), bundle, "ref", "--full")
+    assert dead_letters(out, "day2") == dead_letters(str(tmp_path / "full"), "ref")
+    assert {d[2] for d in dead_letters(out, "day2")} >= {"read_catalog", "read", "decode"}
+    assert sorted(features(out, "day2")) == sorted(features(str(tmp_path / "full"), "ref")) == sorted(expect["good"])
+    assert c["dead_letter"] == full["counts"]["dead_letter"]
+
+
+def test_carry_rows_updates_catalog_columns_and_keeps_features(tmp_path):
+    from schemas import feature_schema
+
+    schema = feature_schema(4, 8)
+    rows = [
+        {
+            "item_id": f"i{k}",
+            "image_uri": f"old/{k}.jpg",
+            "content_sha256": f"sha{k}",
+            "model_id": "m",
+            "embedding": [float(k)] * 4,
+            "hash_code": bytes([k]),
+            "category": "c",
+            "category_score": 0.5,
+            "attributes": [("colour", "red")],
+            "width": 10,
+            "height": 12,
+            "catalog": [("price", "1")],
+            "run_id": "day1",
+            "indexed_at": dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+        }
+        for k in range(5)
+    ]
+    table = pa.Table.from_pylist(rows, schema=schema)
+    carried = [("i3", "new/3.jpg", [("price", "9")]), ("i1", "new/1.jpg", [])]
+    out = incremental.carry_rows(table, carried, "day2", schema)
+    assert out.schema == schema and out.schema.metadata == schema.metadata
+    got = out.to_pylist()
+    assert [r["item_id"] for r in got] == ["i1", "i3"]  # item-id order
+    assert [r["image_uri"] for r in got] == ["new/1.jpg", "new/3.jpg"]
+    assert [r["catalog"] for r in got] == [[], [("price", "9")]]
+    assert {r["run_id"] for r in got} == {"day2"}
+    for r in got:
+        k = int(r["item_id"][1:])
+        assert r["embedding"] == [float(k)] * 4 and r["hash_code"] == bytes([k])
+        assert r["content_sha256"] == f"sha{k}" and r["attributes"] == [("colour", "red")]
+        assert r["indexed_at"] == dt.datetime(2026, 1, 1, tzinfo=dt.UTC)  # when it was embedded, not carried
+    with pytest.raises(ValueError, match="not in their source file"):
+        incremental.carry_rows(table, [("nope", "x", [])], "day2", schema)

@@ -6,11 +6,21 @@ import os
 
 import faiss
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from retrieval_core.encoder import pack_codes
 from retrieval_core.eval.retrieval import hamming_distances
-from retrieval_core.index.build import choose_spec, shard_of, train_vector_index, write_shard
+from retrieval_core.index.build import (
+    Block,
+    bottom_k,
+    choose_spec,
+    read_feature_block,
+    shard_of,
+    train_vector_index,
+    write_shard,
+)
 from retrieval_core.index.publish import build_manifest, publish, read_current
 from retrieval_core.search import ModelMismatchError, Searcher
 from retrieval_core.search.cli import main as search_cli
@@ -37,13 +47,23 @@ def build_generation(
     item_ids = [f"it{i:06d}" for i in range(len(emb))]
     spec = choose_spec(len(emb), factory, nprobe)
     trained = train_vector_index(emb, emb.shape[1], spec)
-    by_shard: dict[int, list] = {s: [] for s in range(num_shards)}
-    for i, item in enumerate(item_ids):
-        by_shard[shard_of(item, num_shards)].append((item, "0" * 64, emb[i], codes[i].tobytes()))
+    dim, bits = emb.shape[1], codes.shape[1] * 8
+    everything = Block(np.array(item_ids, object), np.array(["0" * 64] * len(emb), object), emb, codes)
+    by_shard = everything.split_by_shard(num_shards)
     rel = f"indices/{generation}"
     results = [
-        write_shard(os.path.join(root, rel), rel, s, num_shards, items, spec, trained, emb.shape[1], codes.shape[1] * 8)
-        for s, items in by_shard.items()
+        write_shard(
+            os.path.join(root, rel),
+            rel,
+            s,
+            num_shards,
+            by_shard.get(s, Block.empty(dim, bits)),
+            spec,
+            trained,
+            dim,
+            bits,
+        )
+        for s in range(num_shards)
     ]
     manifest = build_manifest(
         output_root=root,
@@ -124,7 +144,7 @@ def test_allowed_ids_restrict_the_gallery(binary_generation):
 def test_ivf_shards_recall_vs_flat(tmp_path):
     n, dim = 20000, 32
     everything = clustered(n + 200, dim, 1, clusters=200)
-    emb, queries = everything[:n], everything[n:]  # held-out queries from the same distribution
+    emb, queries = (everything[:n], everything[n:])  # held-out queries from the same distribution
     codes = pack_codes(emb[:, :16])
     root = str(tmp_path / "ivf")
     build_generation(root, emb, codes, num_shards=3, factory="IVF64,Flat", nprobe=8)
@@ -178,3 +198,65 @@ def test_cli_prints_json(binary_generation, capsys, tmp_path):
 
     out = json.loads(capsys.readouterr().out)
     assert len(out["results"]) == 2 and out["results"][0]["neighbours"][0]["item_id"] == "it000000"
+
+
+def test_blocks_split_by_shard_of_and_round_trip_through_parquet(tmp_path):
+    """The column-wise path BuildIndex takes: Parquet -> Block -> per-shard parts, checked row by row."""
+    from schemas import feature_schema
+
+    rng = np.random.default_rng(3)
+    n, dim, bits = 257, 8, 16
+    ids = [f"item-{i}" for i in rng.permutation(n)]
+    emb = rng.normal(size=(n, dim)).astype(np.float32)
+    codes = rng.integers(0, 256, size=(n, bits // 8), dtype=np.uint8)
+    schema = feature_schema(dim, bits)
+    table = pa.table(
+        {
+            "item_id": ids,
+            "image_uri": ["x"] * n,
+            "content_sha256": [f"sha-{i}" for i in ids],
+            "model_id": ["m"] * n,
+            "embedding": pa.array(list(emb), schema.field("embedding").type),
+            "hash_code": pa.array([c.tobytes() for c in codes], schema.field("hash_code").type),
+            "category": [None] * n,
+            "category_score": pa.array([None] * n, pa.float32()),
+            "attributes": pa.array([[]] * n, schema.field("attributes").type),
+            "width": pa.array([1] * n, pa.int32()),
+            "height": pa.array([1] * n, pa.int32()),
+            "catalog": pa.array([[]] * n, schema.field("catalog").type),
+            "run_id": ["r"] * n,
+            "indexed_at": pa.array([0] * n, pa.timestamp("us", tz="UTC")),
+        },
+        schema=schema,
+    )
+    path = str(tmp_path / "f.parquet")
+    pq.write_table(table, path, row_group_size=50)  # several chunks: offsets inside the code buffers matter
+    block = read_feature_block(path, dim, bits)
+    assert block.item_ids.tolist() == ids
+    assert block.content_sha256.tolist() == [f"sha-{i}" for i in ids]
+    np.testing.assert_array_equal(block.vectors, emb)
+    np.testing.assert_array_equal(block.codes, codes)
+    parts = block.split_by_shard(5)
+    assert sum(len(p) for p in parts.values()) == n
+    for s, part in parts.items():
+        for j, item in enumerate(part.item_ids):
+            assert shard_of(item, 5) == s
+            i = ids.index(item)
+            np.testing.assert_array_equal(part.vectors[j], emb[i])
+            np.testing.assert_array_equal(part.codes[j], codes[i])
+    merged = Block.concat(parts.values(), dim, bits).sorted_by_id()
+    assert merged.item_ids.tolist() == sorted(ids)
+
+
+def test_bottom_k_sample_does_not_depend_on_split_or_order():
+    rng = np.random.default_rng(5)
+    keys = rng.integers(0, 2**63, size=1000, dtype=np.uint64)
+    vectors = rng.normal(size=(1000, 4)).astype(np.float32)
+    whole_keys, whole = bottom_k(keys, vectors, 100)
+    assert whole_keys.tolist() == sorted(keys.tolist())[:100]
+    # Any split, any order, merged pairwise: the same sample.
+    perm = rng.permutation(1000)
+    parts = [bottom_k(keys[perm[i : i + 137]], vectors[perm[i : i + 137]], 100) for i in range(0, 1000, 137)]
+    merged_keys, merged = bottom_k(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), 100)
+    np.testing.assert_array_equal(merged_keys, whole_keys)
+    np.testing.assert_array_equal(merged, whole)

@@ -1,9 +1,12 @@
-"""BuildIndex: feature rows -> float and binary index shards, inside the Beam graph.
+"""BuildIndex: written feature files -> float and binary index shards, inside the Beam graph.
 
-Sample -> train the empty index once -> broadcast it as a side input -> fill
-the shards in parallel, each shard written with its id file. Items go to shards
-by a hash of their id; inside a shard rows are in item-id order, so the result
-does not depend on how the runner split or ordered the work.
+Each feature file is read column-wise (item id, content hash, embedding, code)
+and cut into one ``Block`` per shard, so what moves between workers is a few
+arrays per file, never one Python object per row. A bottom-k sample by a hash
+of the item id trains the empty index once; it is broadcast as a side input and
+the shards are filled in parallel, each written with its id file. Items go to
+shards by a hash of their id and inside a shard rows are in item-id order, so
+the result does not depend on how the runner split or ordered the work.
 """
 
 from __future__ import annotations
@@ -13,21 +16,72 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from pipelines.transforms.timing import StageTimer
-from retrieval_core.index.build import IndexSpec, choose_spec, shard_of, train_vector_index, write_shard
+from retrieval_core.index.build import (
+    Block,
+    bottom_k,
+    choose_spec,
+    id_keys,
+    read_feature_block,
+    train_vector_index,
+    write_shard,
+)
 
 
-def _slim(row: dict) -> tuple[str, str, np.ndarray, bytes]:
-    return row["item_id"], row["content_sha256"], np.asarray(row["embedding"], np.float32), row["hash_code"]
+class _ReadBlocksFn(beam.DoFn):
+    """One feature file -> ``(shard, Block)`` for every shard that has rows in it."""
+
+    def __init__(self, num_shards: int, dim: int, hash_bits: int) -> None:
+        self.num_shards, self.dim, self.hash_bits = num_shards, dim, hash_bits
+        self.rows = Metrics.counter("build_index", "rows_read")
+        self.timer = StageTimer("build_index", "read_features")
+
+    def process(self, path: str):
+        with self.timer.time():
+            parts = read_feature_block(path, self.dim, self.hash_bits).split_by_shard(self.num_shards)
+        for shard, block in parts.items():
+            self.rows.inc(len(block))
+            yield shard, block
 
 
-def _train(sample: list, count: int, *, dim: int, factory: str | None, nprobe: int | None) -> tuple[IndexSpec, bytes]:
+class _TrainingSample(beam.CombineFn):
+    """Blocks -> ``(row count, the sample_size vectors with the smallest sample keys)``.
+
+    Order-independent (see ``bottom_k``): the same rows give the same sample on any runner.
+    """
+
+    def __init__(self, sample_size: int, dim: int) -> None:
+        self.sample_size, self.dim = sample_size, dim
+
+    def create_accumulator(self):
+        return 0, np.zeros(0, np.uint64), np.zeros((0, self.dim), np.float32)
+
+    def _merge(self, parts):
+        count = sum(p[0] for p in parts)
+        keys, vectors = bottom_k(
+            np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts]), self.sample_size
+        )
+        return count, keys, vectors
+
+    def add_input(self, acc, block: Block):
+        _, keys = id_keys(block.item_ids)
+        return self._merge([acc, (len(block), keys, block.vectors)])
+
+    def merge_accumulators(self, accumulators):
+        return self._merge(list(accumulators))
+
+    def extract_output(self, acc):
+        count, _, vectors = acc
+        return count, vectors
+
+
+def _train(sample: tuple[int, np.ndarray], *, dim: int, factory: str | None, nprobe: int | None):
+    count, vectors = sample
     spec = choose_spec(count, factory, nprobe)
-    vectors = np.stack([s[2] for s in sample]) if sample else np.zeros((0, dim), np.float32)
     return spec, train_vector_index(vectors, dim, spec)
 
 
 class _FillShardFn(beam.DoFn):
-    """Fill one shard from its items and the trained empty index (a side input); write its three files."""
+    """Fill one shard from its blocks and the trained empty index (a side input); write its three files."""
 
     def __init__(self, generation_dir: str, generation_rel: str, num_shards: int, dim: int, hash_bits: int) -> None:
         self.generation_dir = generation_dir
@@ -39,27 +93,27 @@ class _FillShardFn(beam.DoFn):
         self.timer = StageTimer("build_index", "fill_and_write_shard")
 
     def process(self, keyed, trained):
-        shard, items = keyed
+        shard, blocks = keyed
         spec, empty_index = trained
-        items = [i for i in items if i is not None]
+        block = Block.concat((b for b in blocks if b is not None), self.dim, self.hash_bits)
         with self.timer.time():
             result = write_shard(
                 self.generation_dir,
                 self.generation_rel,
                 shard,
                 self.num_shards,
-                items,
+                block,
                 spec,
                 empty_index,
                 self.dim,
                 self.hash_bits,
             )
-        self.vectors_added.inc(len(items))
+        self.vectors_added.inc(len(block))
         yield result
 
 
 class BuildIndex(beam.PTransform):
-    """Feature rows -> (per-shard file entries, the IndexSpec used) written under ``generation_dir``.
+    """Feature file paths -> (per-shard file entries, the IndexSpec used) written under ``generation_dir``.
 
     Args:
         generation_dir: ``<output>/indices/<generation>`` (local or URI).
@@ -85,30 +139,26 @@ class BuildIndex(beam.PTransform):
         super().__init__()
         self.generation_dir, self.generation_rel = generation_dir, generation_rel
         self.num_shards, self.dim, self.hash_bits = num_shards, dim, hash_bits
-        self.factory, self.nprobe, self.train_sample_size = factory, nprobe, train_sample_size
+        self.factory, self.nprobe, self.train_sample_size = (factory, nprobe, train_sample_size)
 
-    def expand(self, rows):
-        n = self.num_shards
-        slim = rows | "Slim" >> beam.Map(_slim)
-        count = slim | "Count" >> beam.combiners.Count.Globally()
+    def expand(self, feature_files):
+        n, dim, bits = self.num_shards, self.dim, self.hash_bits
+        blocks = feature_files | "ReadBlocks" >> beam.ParDo(_ReadBlocksFn(n, dim, bits))
         trained = (
-            slim
-            | "Sample" >> beam.combiners.Sample.FixedSizeGlobally(self.train_sample_size)
-            | "Train"
-            >> beam.Map(
-                _train, count=beam.pvalue.AsSingleton(count), dim=self.dim, factory=self.factory, nprobe=self.nprobe
-            )
+            blocks
+            | "Blocks" >> beam.Values()
+            | "Sample" >> beam.CombineGlobally(_TrainingSample(self.train_sample_size, dim))
+            | "Train" >> beam.Map(_train, dim=dim, factory=self.factory, nprobe=self.nprobe)
         )
         # Every shard exists even when no item hashes to it, so the manifest always lists num_shards shards.
-        shard_keys = slim.pipeline | "AllShards" >> beam.Create([(s, None) for s in range(n)])
-        keyed = slim | "KeyByShard" >> beam.Map(lambda t: (shard_of(t[0], n), t))
+        shard_keys = feature_files.pipeline | "AllShards" >> beam.Create([(s, None) for s in range(n)], reshuffle=False)
         shards = (
-            (keyed, shard_keys)
+            (blocks, shard_keys)
             | "WithAllShards" >> beam.Flatten()
             | "GroupByShard" >> beam.GroupByKey()
             | "FillShards"
             >> beam.ParDo(
-                _FillShardFn(self.generation_dir, self.generation_rel, n, self.dim, self.hash_bits),
+                _FillShardFn(self.generation_dir, self.generation_rel, n, dim, bits),
                 trained=beam.pvalue.AsSingleton(trained),
             )
         )

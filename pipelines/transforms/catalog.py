@@ -59,7 +59,7 @@ def iter_raw_rows(path: str) -> Iterator[tuple[int, dict | None, str | None]]:
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 yield n, None, f"invalid JSON: {e}"
                 continue
-            yield (n, row, None) if isinstance(row, dict) else (n, None, "a JSON line must be an object")
+            yield ((n, row, None) if isinstance(row, dict) else (n, None, "a JSON line must be an object"))
         return
     text = data.decode("utf-8-sig", errors="replace")  # bad bytes become U+FFFD, never a lost catalog
     yield from _iter_csv(path, text.splitlines(keepends=True))
@@ -93,7 +93,7 @@ def _iter_csv(path: str, lines: list[str]) -> Iterator[tuple[int, dict | None, s
                 if len(fields) > len(fieldnames):
                     yield n, None, f"{len(fields)} fields, header has {len(fieldnames)}"
                 elif len(fields) < len(fieldnames):
-                    yield n, None, f"fewer fields ({len(fields)}) than the {len(fieldnames)} of the header"
+                    yield (n, None, f"fewer fields ({len(fields)}) than the {len(fieldnames)} of the header")
                 else:
                     yield n, dict(zip(fieldnames, fields)), None
             return
@@ -145,42 +145,61 @@ class _ParseCatalogFn(beam.DoFn):
             yield {**row, "row_number": n}
 
 
+def keep_first(item_id: str, rows, run_id: str) -> tuple[dict, list[beam.pvalue.TaggedOutput]]:
+    """The catalog's rule for a repeated item id: the first row (by line) is kept, every later one is a
+    ``duplicate_item_id`` dead letter. Returns (kept row, dead letters)."""
+    rows = sorted(rows, key=lambda r: r["row_number"])
+    return rows[0], [
+        tagged_dead_letter(
+            "read_catalog",
+            "duplicate_item_id",
+            f"item_id {item_id!r} on line {dup['row_number']} repeats line {rows[0]['row_number']}; first kept",
+            run_id=run_id,
+            item_id=item_id,
+            image_uri=dup["image_uri"],
+            row=dup,
+        )
+        for dup in rows[1:]
+    ]
+
+
+def duplicates_counter():
+    return Metrics.counter("read_catalog", "duplicate_item_ids")
+
+
 class _DropDuplicatesFn(beam.DoFn):
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
-        self.duplicates = Metrics.counter("read_catalog", "duplicate_item_ids")
+        self.duplicates = duplicates_counter()
 
     def process(self, keyed):
-        item_id, rows = keyed
-        rows = sorted(rows, key=lambda r: r["row_number"])
-        yield rows[0]
-        for dup in rows[1:]:
-            self.duplicates.inc()
-            yield tagged_dead_letter(
-                "read_catalog",
-                "duplicate_item_id",
-                f"item_id {item_id!r} on line {dup['row_number']} repeats line {rows[0]['row_number']}; first kept",
-                run_id=self.run_id,
-                item_id=item_id,
-                image_uri=dup["image_uri"],
-                row=dup,
-            )
+        row, dead = keep_first(*keyed, self.run_id)
+        self.duplicates.inc(len(dead))
+        yield row
+        yield from dead
 
 
 class ReadCatalog(beam.PTransform):
-    """Catalog path -> (rows, dead letters). Rows are spread over workers after parsing."""
+    """Catalog path -> (rows, dead letters). Rows are spread over workers after parsing.
 
-    def __init__(self, path: str, run_id: str) -> None:
+    With ``dedupe=False`` repeated item ids are left in, for a caller that groups by item id anyway
+    and applies ``keep_first`` there (an incremental run's join), saving a shuffle of the catalog.
+    """
+
+    def __init__(self, path: str, run_id: str, dedupe: bool = True) -> None:
         super().__init__()
         self.path = path
         self.run_id = run_id
+        self.dedupe = dedupe
 
     def expand(self, pbegin):
         parsed = (
             pbegin
-            | "CatalogPath" >> beam.Create([self.path])
+            | "CatalogPath" >> beam.Create([self.path], reshuffle=False)
             | "Parse" >> beam.ParDo(_ParseCatalogFn(self.run_id)).with_outputs(DEAD_LETTER_TAG, main="rows")
         )
+        if not self.dedupe:
+            return parsed.rows, parsed[DEAD_LETTER_TAG]
         deduped = (
             parsed.rows
             | "KeyByItemId" >> beam.Map(lambda r: (r["item_id"], r))

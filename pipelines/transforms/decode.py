@@ -23,16 +23,15 @@ def read_error_type(e: Exception) -> str:
     return type(e).__name__
 
 
-def read_failure(row: dict, e: Exception, run_id: str) -> beam.pvalue.TaggedOutput:
-    """The dead-letter output for a catalog row whose image could not be read."""
+def read_error(e: Exception) -> tuple[str, str]:
+    """(error type, message) of a failed image read, as the dead-letter table records them."""
+    return read_error_type(e), f"{type(e).__name__}: {e}"
+
+
+def read_failure(row: dict, error: tuple[str, str], run_id: str) -> beam.pvalue.TaggedOutput:
+    """The dead-letter output for a catalog row whose image could not be read (``error`` from ``read_error``)."""
     return tagged_dead_letter(
-        "read",
-        read_error_type(e),
-        f"{type(e).__name__}: {e}",
-        run_id=run_id,
-        item_id=row["item_id"],
-        image_uri=row["image_uri"],
-        row=row,
+        "read", *error, run_id=run_id, item_id=row["item_id"], image_uri=row["image_uri"], row=row
     )
 
 
@@ -55,7 +54,7 @@ class _ReadAndDecodeFn(beam.DoFn):
                 data = rio.read_bytes(uri)
         except Exception as e:  # any read failure is this row's problem only
             self.read_failed.inc()
-            yield read_failure(row, e, self.run_id)
+            yield read_failure(row, read_error(e), self.run_id)
             return
         self.bytes_read.inc(len(data))
         try:

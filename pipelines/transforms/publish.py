@@ -32,26 +32,25 @@ class Publish(beam.PTransform):
         self.fields = manifest_fields
 
     def expand(self, inputs):
-        shards, spec, feature_files, dead_letter_files, dead_count = inputs
+        shards, spec, feature_files, dead_letter_files = inputs
         fields, max_error_rate, current_generation = self.fields, self.max_error_rate, self.current_generation
 
-        def _publish(_, shard_results, spec, feature_files, dead_letter_files, dead_count):
+        def _publish(_, shard_results, spec, feature_files, dead_letter_files):
             manifest = build_manifest(
                 spec=spec,
                 shard_results=shard_results,
                 feature_files=feature_files,
                 dead_letter_files=dead_letter_files,
-                counts={"dead_letter": dead_count},
                 **fields,
             )
-            acceptable = error_rate(manifest.ntotal, dead_count) <= max_error_rate
+            acceptable = error_rate(manifest.ntotal, manifest.counts["dead_letter"]) <= max_error_rate
             return publish(
                 fields["output_root"], manifest, swap_current=acceptable, current_generation=current_generation
             )
 
         return (
             shards.pipeline
-            | "Once" >> beam.Create([None])
+            | "Once" >> beam.Create([None], reshuffle=False)
             | "WriteManifestThenCurrent"
             >> beam.Map(
                 _publish,
@@ -59,6 +58,5 @@ class Publish(beam.PTransform):
                 spec=beam.pvalue.AsSingleton(spec),
                 feature_files=beam.pvalue.AsList(feature_files),
                 dead_letter_files=beam.pvalue.AsList(dead_letter_files),
-                dead_count=beam.pvalue.AsSingleton(dead_count),
             )
         )

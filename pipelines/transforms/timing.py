@@ -20,4 +20,8 @@ class StageTimer:
         try:
             yield
         finally:
-            self.distribution.update((time.perf_counter_ns() - start) // 1000)
+            self.record((time.perf_counter_ns() - start) // 1000)
+
+    def record(self, microseconds: int) -> None:
+        """Record a time measured elsewhere (Beam metrics can only be updated from the DoFn's own thread)."""
+        self.distribution.update(microseconds)

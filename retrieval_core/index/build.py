@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import faiss
@@ -40,9 +40,112 @@ class IndexSpec:
     metric: str = "inner_product"
 
 
+INDEX_COLUMNS = ("item_id", "content_sha256", "embedding", "hash_code")
+"""The feature-table columns an index is built from."""
+
+
+def _id_digest(item_id: str) -> bytes:
+    return hashlib.sha256(item_id.encode()).digest()
+
+
 def shard_of(item_id: str, num_shards: int) -> int:
     """Stable shard assignment by item id (not Python's salted ``hash``)."""
-    return int.from_bytes(hashlib.sha256(item_id.encode()).digest()[:8], "big") % num_shards
+    return int.from_bytes(_id_digest(item_id)[:8], "big") % num_shards
+
+
+def id_keys(item_ids: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Two independent stable 64-bit keys per item id: ``(shard key, sample key)``.
+
+    ``shard key % num_shards`` is ``shard_of``; the sample key orders items for the
+    order-independent training sample (``bottom_k``).
+    """
+    digests = np.frombuffer(b"".join(_id_digest(i)[:16] for i in item_ids), dtype=">u8").reshape(-1, 2)
+    return digests[:, 0].astype(np.uint64), digests[:, 1].astype(np.uint64)
+
+
+@dataclass(frozen=True)
+class Block:
+    """Feature rows reduced to what an index needs, column-wise: the unit BuildIndex moves between workers.
+
+    ``item_ids`` and ``content_sha256`` are object arrays of str, ``vectors`` is (n, dim) float32 and
+    ``codes`` is (n, hash_bits/8) uint8.
+    """
+
+    item_ids: np.ndarray
+    content_sha256: np.ndarray
+    vectors: np.ndarray
+    codes: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    @classmethod
+    def empty(cls, dim: int, hash_bits: int) -> Block:
+        return cls(
+            np.zeros(0, object),
+            np.zeros(0, object),
+            np.zeros((0, dim), np.float32),
+            np.zeros((0, hash_bits // 8), np.uint8),
+        )
+
+    @classmethod
+    def from_table(cls, table: pa.Table, dim: int, hash_bits: int) -> Block:
+        """From an Arrow table with the ``INDEX_COLUMNS`` of the feature schema (no per-row Python objects)."""
+        n = table.num_rows
+        if n == 0:
+            return cls.empty(dim, hash_bits)
+        vectors = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(n, dim)
+        width = hash_bits // 8
+        codes = np.concatenate(
+            [
+                np.frombuffer(c.buffers()[1], np.uint8)[c.offset * width : (c.offset + len(c)) * width]
+                for c in table.column("hash_code").chunks
+            ]
+        ).reshape(n, width)
+        return cls(
+            np.asarray(table.column("item_id").to_pylist(), dtype=object),
+            np.asarray(table.column("content_sha256").to_pylist(), dtype=object),
+            np.ascontiguousarray(vectors, dtype=np.float32),
+            codes,
+        )
+
+    def take(self, rows: np.ndarray) -> Block:
+        return Block(self.item_ids[rows], self.content_sha256[rows], self.vectors[rows], self.codes[rows])
+
+    def sorted_by_id(self) -> Block:
+        return self.take(np.argsort(self.item_ids, kind="stable"))
+
+    @staticmethod
+    def concat(blocks: Iterable[Block], dim: int, hash_bits: int) -> Block:
+        blocks = [b for b in blocks if len(b)]
+        if not blocks:
+            return Block.empty(dim, hash_bits)
+        return Block(*(np.concatenate([getattr(b, f) for b in blocks]) for f in Block.__dataclass_fields__))
+
+    def split_by_shard(self, num_shards: int) -> dict[int, Block]:
+        """The non-empty parts of this block, keyed by ``shard_of`` of their item ids."""
+        shard_keys, _ = id_keys(self.item_ids)
+        shards = (shard_keys % np.uint64(num_shards)).astype(np.int64)
+        return {int(s): self.take(np.flatnonzero(shards == s)) for s in np.unique(shards)}
+
+
+def read_feature_block(path: str, dim: int, hash_bits: int) -> Block:
+    """The index columns of one feature Parquet file (local or URI)."""
+    return Block.from_table(rio.read_parquet(path, columns=list(INDEX_COLUMNS)), dim, hash_bits)
+
+
+def bottom_k(keys: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` rows with the smallest keys, in key order.
+
+    Keeping the smallest hash keys is a sample that does not depend on how the
+    rows were split or ordered (a bottom-k sketch), so the trained index is the
+    same however the runner scheduled the work.
+    """
+    if len(keys) > k:
+        keep = np.argpartition(keys, k - 1)[:k]
+        keys, vectors = keys[keep], vectors[keep]
+    order = np.argsort(keys, kind="stable")
+    return keys[order], vectors[order]
 
 
 def choose_spec(n_total: int, factory: str | None = None, nprobe: int | None = None) -> IndexSpec:
@@ -118,7 +221,7 @@ def write_shard(
     generation_rel: str,
     shard: int,
     num_shards: int,
-    items: Sequence[tuple[str, str, np.ndarray, bytes]],
+    block: Block,
     spec: IndexSpec,
     trained: bytes,
     dim: int,
@@ -130,32 +233,32 @@ def write_shard(
         generation_dir: where the generation's files go (local path or URI).
         generation_rel: the same, relative to the output root, for the returned paths.
         shard, num_shards: which shard this is.
-        items: ``(item_id, content_sha256, embedding, packed code)``; written in item-id order.
+        block: the shard's rows; written in item-id order.
         spec, trained: the index spec and its trained empty index (``train_vector_index``).
 
     Returns:
         ``{"shard": s, "vectors": entry, "hamming": entry, "ids": entry}``, each entry a dict of
         ``path`` (relative), ``sha256``, ``bytes`` and ``rows``.
     """
-    items = sorted(items, key=lambda t: t[0])
-    if items:
-        vectors = np.stack([t[2] for t in items]).astype(np.float32)
-        codes = np.stack([np.frombuffer(t[3], np.uint8) for t in items])
-    else:
-        vectors, codes = np.zeros((0, dim), np.float32), np.zeros((0, hash_bits // 8), np.uint8)
+    block = block.sorted_by_id()
+    if block.vectors.shape[1:] != (dim,) or block.codes.shape[1:] != (hash_bits // 8,):
+        raise ValueError(
+            f"shard {shard}: vectors {block.vectors.shape} / codes {block.codes.shape} "
+            f"do not match dim {dim} / {hash_bits} bits"
+        )
     ids = pa.table(
         {
-            "faiss_id": pa.array(range(len(items)), pa.int64()),
-            "item_id": pa.array([t[0] for t in items], pa.string()),
-            "content_sha256": pa.array([t[1] for t in items], pa.string()),
+            "faiss_id": pa.array(range(len(block)), pa.int64()),
+            "item_id": pa.array(block.item_ids.tolist(), pa.string()),
+            "content_sha256": pa.array(block.content_sha256.tolist(), pa.string()),
         },
         schema=IDS_SCHEMA,
     )
     buf = io.BytesIO()
     pq.write_table(ids, buf, compression="zstd")
     files = (
-        ("vectors", "faiss", serialize_index(fill_vector_shard(trained, vectors, spec.nprobe))),
-        ("hamming", "faiss", serialize_index(fill_binary_shard(codes, hash_bits, spec.binary_factory))),
+        ("vectors", "faiss", serialize_index(fill_vector_shard(trained, block.vectors, spec.nprobe))),
+        ("hamming", "faiss", serialize_index(fill_binary_shard(block.codes, hash_bits, spec.binary_factory))),
         ("ids", "parquet", buf.getvalue()),
     )
     result: dict = {"shard": shard}
@@ -166,6 +269,6 @@ def write_shard(
             "path": f"{generation_rel}/{name}",
             "sha256": sha256_bytes(data),
             "bytes": len(data),
-            "rows": len(items),
+            "rows": len(block),
         }
     return result

@@ -96,6 +96,11 @@ def file_entry(root: str, path: str, rows: int = 0) -> FileEntry:
     return FileEntry(path=relative_to(root, path), sha256=digest, bytes=size, rows=rows)
 
 
+def table_entry(root: str, path: str) -> FileEntry:
+    """``file_entry`` of a Parquet file, with its row count from the footer."""
+    return file_entry(root, path, rio.parquet_rows(path))
+
+
 def build_manifest(
     *,
     output_root: str,
@@ -109,14 +114,26 @@ def build_manifest(
     shard_results: list[dict],
     feature_files: list[str],
     dead_letter_files: list[str],
-    counts: dict[str, int],
+    counts: dict[str, int] | None = None,
 ) -> Manifest:
-    """Assemble the manifest: shards in shard order with running offsets; table files hashed here."""
+    """Assemble the manifest: shards in shard order with running offsets; table files hashed and counted here.
+
+    ``counts`` gets ``indexed`` (rows in the shards) and ``dead_letter`` (rows in the dead-letter files).
+    When feature files are given, their rows must add up to the indexed rows: a generation whose index
+    and feature table disagree is refused here rather than published.
+    """
     vec, ham, ids, offset = [], [], [], 0
     for result in sorted(shard_results, key=lambda r: r["shard"]):
         for kind, out in (("vectors", vec), ("hamming", ham), ("ids", ids)):
             out.append(FileEntry(offset=offset, **result[kind]))
         offset += result["vectors"]["rows"]
+    features = tuple(table_entry(output_root, p) for p in sorted(feature_files))
+    dead_letters = tuple(table_entry(output_root, p) for p in sorted(dead_letter_files))
+    if features and sum(f.rows for f in features) != offset:
+        raise ManifestError(
+            f"generation {generation}: the feature files hold {sum(f.rows for f in features)} rows "
+            f"but the index shards {offset}"
+        )
     return Manifest(
         generation=generation,
         run_id=run_id,
@@ -132,7 +149,7 @@ def build_manifest(
         vector_shards=tuple(vec),
         hamming_shards=tuple(ham),
         id_files=tuple(ids),
-        feature_files=tuple(file_entry(output_root, p) for p in sorted(feature_files)),
-        dead_letter_files=tuple(file_entry(output_root, p) for p in sorted(dead_letter_files)),
-        counts={**counts, "indexed": offset},
+        feature_files=features,
+        dead_letter_files=dead_letters,
+        counts={**(counts or {}), "indexed": offset, "dead_letter": sum(f.rows for f in dead_letters)},
     )
