@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -127,7 +128,7 @@ def is_http(path: str) -> bool:
 
 
 def read_bytes(path: str, policy: RetryPolicy | None = None) -> bytes:
-    """Read a whole file: local, http(s) (timeouts, retries) or any Beam filesystem URI (retries).
+    """Read a whole file: local, http(s) and gs:// (timeouts, retries) or any other Beam filesystem URI (retries).
 
     Raises:
         FileNotFoundError / PermissionError: permanent, never retried.
@@ -139,6 +140,8 @@ def read_bytes(path: str, policy: RetryPolicy | None = None) -> bytes:
     policy = policy or DEFAULT_RETRY
     if is_http(path):
         return with_retries(lambda: _read_http_once(path, policy.timeout_s), path, policy)
+    if path.startswith("gs://"):
+        return with_retries(lambda: _read_gcs_once(path, policy.timeout_s), path, policy)
 
     def read_remote() -> bytes:
         try:
@@ -221,13 +224,47 @@ class PreconditionFailed(RuntimeError):
     """A conditional write lost a race: the object changed since it was read."""
 
 
-def _gcs_bucket_and_name(uri: str):
-    """The google-cloud-storage bucket and object name of ``gs://bucket/name`` (anonymous against an emulator)."""
+_gcs_clients = threading.local()
+
+
+def _gcs_client():
+    """One google-cloud-storage client per thread (anonymous against an emulator); creating one per call
+    would look up credentials every time."""
     from google.cloud import storage
 
+    key = os.environ.get("STORAGE_EMULATOR_HOST", "")
+    cached = getattr(_gcs_clients, "client", None)
+    if cached is None or cached[0] != key:
+        client = storage.Client.create_anonymous_client() if key else storage.Client()
+        _gcs_clients.client = cached = (key, client)
+    return cached[1]
+
+
+def _gcs_bucket_and_name(uri: str):
+    """The google-cloud-storage bucket and object name of ``gs://bucket/name``."""
     bucket, _, name = uri[len("gs://") :].partition("/")
-    client = storage.Client.create_anonymous_client() if os.environ.get("STORAGE_EMULATOR_HOST") else storage.Client()
-    return client.bucket(bucket), name
+    return _gcs_client().bucket(bucket), name
+
+
+def _read_gcs_once(uri: str, timeout: float) -> bytes:
+    """One download with our own timeout (connect and each read); the retrying is ``with_retries``'s."""
+    import requests
+    from google.api_core import exceptions as gexc
+    from google.resumable_media import common as media
+
+    bucket, name = _gcs_bucket_and_name(uri)
+    try:
+        return bucket.blob(name).download_as_bytes(timeout=timeout, retry=None)
+    except gexc.NotFound as e:
+        raise FileNotFoundError(f"{uri}: {e.message}") from e
+    except (gexc.Forbidden, gexc.Unauthorized) as e:
+        raise PermissionError(f"{uri}: {e.message}") from e
+    except (gexc.ServerError, gexc.TooManyRequests) as e:
+        raise TransientError(f"{uri}: HTTP {e.code} {e.message}") from e
+    except (requests.exceptions.Timeout, requests.exceptions.ConnectionError) as e:
+        raise TransientError(f"{uri}: {type(e).__name__}: {e}") from e
+    except (requests.exceptions.ChunkedEncodingError, media.DataCorruption) as e:  # body cut short / bad checksum
+        raise TransientError(f"{uri}: {type(e).__name__}: {e}") from e
 
 
 def object_generation(path: str) -> int:

@@ -33,11 +33,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+STALL_S = 3.0
+"""How long a stalled download hangs; the test's read timeout is shorter."""
+
+STALLED_IMAGES = ("good000.jpg", "good002.jpg")
+
+
 class FaultProxy(http.server.ThreadingHTTPServer):
-    """Forwards to the emulator; the first media download of each image answers 503, the second is cut short."""
+    """Forwards to the emulator. Per image, the first media download answers 503 and the second is cut short;
+    the fourth download of ``STALLED_IMAGES`` (the next run's hashing read) hangs past the client's timeout."""
+
+    request_queue_size = 128  # the hashing step reads 16 images at a time; the default backlog is 5
 
     def __init__(self, upstream: int) -> None:
-        self.upstream, self.seen, self.injected = upstream, {}, {"503": 0, "cut": 0}
+        self.upstream, self.seen, self.injected = upstream, {}, {"503": 0, "cut": 0, "timeout": 0}
         self.lock = threading.Lock()
         super().__init__(("127.0.0.1", 0), ProxyHandler)
         self.address = f"127.0.0.1:{self.server_address[1]}"
@@ -80,6 +89,13 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             with self.server.lock:
                 n = self.server.seen[url.path] = self.server.seen.get(url.path, 0) + 1
             fault = {1: "503", 2: "cut"}.get(n)
+            if n == 4 and urllib.parse.unquote(url.path).endswith(STALLED_IMAGES):
+                fault = "stall"
+        if fault == "stall":
+            self.server.injected["timeout"] += 1
+            time.sleep(STALL_S)  # the client gave up long ago; answer nothing
+            self.close_connection = True
+            return
         if fault == "503":
             self.server.injected["503"] += 1
             self.send_response(503)
@@ -157,7 +173,7 @@ def upload_tree(local: str, uri: str) -> None:
 
 
 def test_pipeline_on_gcs_with_injected_faults(gcs, tmp_path, tiny_bundle, monkeypatch):
-    monkeypatch.setattr(rio, "DEFAULT_RETRY", rio.RetryPolicy(attempts=5, initial_s=0.01, max_s=0.05))
+    monkeypatch.setattr(rio, "DEFAULT_RETRY", rio.RetryPolicy(attempts=5, initial_s=0.01, max_s=0.05, timeout_s=1.0))
     catalog, expect = write_catalog(str(tmp_path / "c"), 8, duplicate=False)
     shutil.rmtree(tmp_path / "c" / "images" / "missing.jpg", ignore_errors=True)
     upload_tree(str(tmp_path / "c"), "gs://bkt/cat")
@@ -182,6 +198,7 @@ def test_pipeline_on_gcs_with_injected_faults(gcs, tmp_path, tiny_bundle, monkey
 
     # Second run: incremental over GCS; CURRENT is swapped under a generation-match precondition.
     report = run([*argv, "--run_id=g2"])
+    assert gcs.injected["timeout"] == len(STALLED_IMAGES)  # hashing reads that hung were timed out and retried
     assert report["counts"]["unchanged"] == len(expect["good"])
     # Failed items have no feature row, so they are tried again (and fail again); the missing one fails to read.
     assert report["counts"]["new"] == len(expect["bad"]) - 1 and report["counts"]["changed"] == 0
