@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import io
 import os
 
@@ -122,3 +123,28 @@ def write_catalog(root: str, n_good: int, *, broken: bool = True, duplicate: boo
         w.writeheader()
         w.writerows(rows)
     return path, {"good": good_ids, "bad": bad_ids, "catalog_errors": dup_rows}
+
+
+def feature_rows(n: int, dim: int, bits: int) -> list[dict]:
+    """``n`` valid rows of the feature table (``schemas.feature_schema(dim, bits)``): item ``i{k}`` has
+    embedding ``[k] * dim``, code byte ``k % 256`` and content hash ``sha256-{k}``."""
+    now = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+    return [
+        {
+            "item_id": f"i{i}",
+            "image_uri": f"gs://b/{i}.jpg",
+            "content_sha256": f"sha256-{i}",
+            "model_id": "m",
+            "embedding": [float(i)] * dim,
+            "hash_code": bytes([i % 256]) * (bits // 8),
+            "category": "dress",
+            "category_score": 0.5,
+            "attributes": [("colour", "red")],
+            "width": 10,
+            "height": 20,
+            "catalog": [("product_id", "p1")],
+            "run_id": "r",
+            "indexed_at": now,
+        }
+        for i in range(n)
+    ]

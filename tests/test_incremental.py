@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import glob
 import json
 import os
@@ -13,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import LOCAL_RUNNER, jpeg_bytes, pipeline_flags, write_catalog
+from conftest import LOCAL_RUNNER, feature_rows, jpeg_bytes, pipeline_flags, write_catalog
 
 from pipelines.index_catalog import EXIT_ERROR_RATE, EXIT_LOCKED, EXIT_USAGE, main, run
 from pipelines.lifecycle import LOCK_FILE, LockedError
@@ -213,25 +212,7 @@ def test_carry_rows_updates_catalog_columns_and_keeps_features(tmp_path):
     from schemas import feature_schema
 
     schema = feature_schema(4, 8)
-    rows = [
-        {
-            "item_id": f"i{k}",
-            "image_uri": f"old/{k}.jpg",
-            "content_sha256": f"sha{k}",
-            "model_id": "m",
-            "embedding": [float(k)] * 4,
-            "hash_code": bytes([k]),
-            "category": "c",
-            "category_score": 0.5,
-            "attributes": [("colour", "red")],
-            "width": 10,
-            "height": 12,
-            "catalog": [("price", "1")],
-            "run_id": "day1",
-            "indexed_at": dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
-        }
-        for k in range(5)
-    ]
+    rows = feature_rows(5, 4, 8)
     table = pa.Table.from_pylist(rows, schema=schema)
     carried = [("i3", "new/3.jpg", [("price", "9")]), ("i1", "new/1.jpg", [])]
     out = incremental.carry_rows(table, carried, "day2", schema)
@@ -243,8 +224,7 @@ def test_carry_rows_updates_catalog_columns_and_keeps_features(tmp_path):
     assert {r["run_id"] for r in got} == {"day2"}
     for r in got:
         k = int(r["item_id"][1:])
-        assert r["embedding"] == [float(k)] * 4 and r["hash_code"] == bytes([k])
-        assert r["content_sha256"] == f"sha{k}" and r["attributes"] == [("colour", "red")]
-        assert r["indexed_at"] == dt.datetime(2026, 1, 1, tzinfo=dt.UTC)  # when it was embedded, not carried
+        for column in ("embedding", "hash_code", "content_sha256", "attributes", "indexed_at", "model_id"):
+            assert r[column] == rows[k][column]  # features and the time they were embedded stay
     with pytest.raises(ValueError, match="not in their source file"):
         incremental.carry_rows(table, [("nope", "x", [])], "day2", schema)

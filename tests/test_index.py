@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import feature_rows
 
 from retrieval_core.encoder import pack_codes
 from retrieval_core.eval.retrieval import hamming_distances
@@ -24,6 +25,7 @@ from retrieval_core.index.build import (
 from retrieval_core.index.publish import build_manifest, publish, read_current
 from retrieval_core.search import ModelMismatchError, Searcher
 from retrieval_core.search.cli import main as search_cli
+from schemas import feature_schema
 
 
 def clustered(n: int, dim: int, seed: int, clusters: int = 50) -> np.ndarray:
@@ -202,33 +204,15 @@ def test_cli_prints_json(binary_generation, capsys, tmp_path):
 
 def test_blocks_split_by_shard_of_and_round_trip_through_parquet(tmp_path):
     """The column-wise path BuildIndex takes: Parquet -> Block -> per-shard parts, checked row by row."""
-    from schemas import feature_schema
-
     rng = np.random.default_rng(3)
     n, dim, bits = 257, 8, 16
     ids = [f"item-{i}" for i in rng.permutation(n)]
     emb = rng.normal(size=(n, dim)).astype(np.float32)
     codes = rng.integers(0, 256, size=(n, bits // 8), dtype=np.uint8)
-    schema = feature_schema(dim, bits)
-    table = pa.table(
-        {
-            "item_id": ids,
-            "image_uri": ["x"] * n,
-            "content_sha256": [f"sha-{i}" for i in ids],
-            "model_id": ["m"] * n,
-            "embedding": pa.array(list(emb), schema.field("embedding").type),
-            "hash_code": pa.array([c.tobytes() for c in codes], schema.field("hash_code").type),
-            "category": [None] * n,
-            "category_score": pa.array([None] * n, pa.float32()),
-            "attributes": pa.array([[]] * n, schema.field("attributes").type),
-            "width": pa.array([1] * n, pa.int32()),
-            "height": pa.array([1] * n, pa.int32()),
-            "catalog": pa.array([[]] * n, schema.field("catalog").type),
-            "run_id": ["r"] * n,
-            "indexed_at": pa.array([0] * n, pa.timestamp("us", tz="UTC")),
-        },
-        schema=schema,
-    )
+    rows = feature_rows(n, dim, bits)
+    for row, item, e, c in zip(rows, ids, emb, codes, strict=True):
+        row.update(item_id=item, content_sha256=f"sha-{item}", embedding=e.tolist(), hash_code=c.tobytes())
+    table = pa.Table.from_pylist(rows, schema=feature_schema(dim, bits))
     path = str(tmp_path / "f.parquet")
     pq.write_table(table, path, row_group_size=50)  # several chunks: offsets inside the code buffers matter
     block = read_feature_block(path, dim, bits)

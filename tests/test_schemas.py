@@ -8,6 +8,7 @@ import datetime as dt
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import feature_rows
 
 from schemas import (
     DEAD_LETTER_SCHEMA,
@@ -20,29 +21,6 @@ from schemas import (
 )
 
 SHA = "a" * 64
-
-
-def feature_rows(n: int, dim: int, bits: int) -> list[dict]:
-    now = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
-    return [
-        {
-            "item_id": f"i{i}",
-            "image_uri": f"gs://b/{i}.jpg",
-            "content_sha256": SHA,
-            "model_id": "m",
-            "embedding": [float(i)] * dim,
-            "hash_code": bytes([i % 256]) * (bits // 8),
-            "category": "dress",
-            "category_score": 0.5,
-            "attributes": [("colour", "red")],
-            "width": 10,
-            "height": 20,
-            "catalog": [("product_id", "p1")],
-            "run_id": "r",
-            "indexed_at": now,
-        }
-        for i in range(n)
-    ]
 
 
 def test_feature_table_round_trip(tmp_path):
