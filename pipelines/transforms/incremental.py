@@ -59,7 +59,11 @@ ROWS_PER_PARTITION = 20_000
 
 
 def join_partitions(previous_rows: int) -> int:
-    """How many partitions the join uses for a previous generation of ``previous_rows`` items."""
+    """How many partitions the join uses for a previous generation of ``previous_rows`` items.
+
+    Sized from the previous generation (known when the graph is built): a catalog that grew many times
+    over since then gets larger partitions for one run; the next run is sized from this one.
+    """
     return min(max(1, math.ceil(previous_rows / ROWS_PER_PARTITION)), 65_536)
 
 
@@ -230,7 +234,8 @@ class SkipUnchanged(beam.PTransform):
         current = (
             rows
             # In-bundle batches (no shuffle), so the join's shuffle moves lists, not one record per row.
-            | "Batch" >> beam.BatchElements(min_batch_size=ROWS_PER_PARTITION // 4, max_batch_size=ROWS_PER_PARTITION)
+            | "Batch"
+            >> beam.BatchElements(min_batch_size=max(1, ROWS_PER_PARTITION // 4), max_batch_size=ROWS_PER_PARTITION)
             | "PartitionRows" >> beam.ParDo(_PartitionRowsFn(self.partitions))
         )
         previous = (
