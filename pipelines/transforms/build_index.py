@@ -26,25 +26,31 @@ from retrieval_core.index.build import (
     write_shard,
 )
 
+SAMPLE_TAG = "sample"
+
 
 class _ReadBlocksFn(beam.DoFn):
-    """One feature file -> ``(shard, Block)`` for every shard that has rows in it."""
+    """One feature file -> ``(shard, Block)`` for every shard that has rows in it, and on ``SAMPLE_TAG`` the
+    file's ``(row count, sample keys, vectors)`` already cut to its bottom ``sample_size``."""
 
-    def __init__(self, num_shards: int, dim: int, hash_bits: int) -> None:
-        self.num_shards, self.dim, self.hash_bits = num_shards, dim, hash_bits
+    def __init__(self, num_shards: int, dim: int, hash_bits: int, sample_size: int) -> None:
+        self.num_shards, self.dim, self.hash_bits, self.sample_size = num_shards, dim, hash_bits, sample_size
         self.rows = Metrics.counter("build_index", "rows_read")
         self.timer = StageTimer("build_index", "read_features")
 
     def process(self, path: str):
         with self.timer.time():
-            parts = read_feature_block(path, self.dim, self.hash_bits).split_by_shard(self.num_shards)
-        for shard, block in parts.items():
-            self.rows.inc(len(block))
-            yield shard, block
+            block = read_feature_block(path, self.dim, self.hash_bits)
+            shard_keys, sample_keys = id_keys(block.item_ids)
+            parts = block.split_by_shard(self.num_shards, shard_keys)
+            sample = bottom_k(sample_keys, block.vectors, self.sample_size)
+        self.rows.inc(len(block))
+        yield beam.pvalue.TaggedOutput(SAMPLE_TAG, (len(block), *sample))
+        yield from parts.items()
 
 
 class _TrainingSample(beam.CombineFn):
-    """Blocks -> ``(row count, the sample_size vectors with the smallest sample keys)``.
+    """Per-file samples -> ``(row count, the sample_size vectors with the smallest sample keys)``.
 
     Order-independent (see ``bottom_k``): the same rows give the same sample on any runner.
     """
@@ -62,9 +68,8 @@ class _TrainingSample(beam.CombineFn):
         )
         return count, keys, vectors
 
-    def add_input(self, acc, block: Block):
-        _, keys = id_keys(block.item_ids)
-        return self._merge([acc, (len(block), keys, block.vectors)])
+    def add_input(self, acc, sample):
+        return self._merge([acc, sample])
 
     def merge_accumulators(self, accumulators):
         return self._merge(list(accumulators))
@@ -143,10 +148,12 @@ class BuildIndex(beam.PTransform):
 
     def expand(self, feature_files):
         n, dim, bits = self.num_shards, self.dim, self.hash_bits
-        blocks = feature_files | "ReadBlocks" >> beam.ParDo(_ReadBlocksFn(n, dim, bits))
+        read = feature_files | "ReadBlocks" >> beam.ParDo(
+            _ReadBlocksFn(n, dim, bits, self.train_sample_size)
+        ).with_outputs(SAMPLE_TAG, main="blocks")
+        blocks = read.blocks
         trained = (
-            blocks
-            | "Blocks" >> beam.Values()
+            read[SAMPLE_TAG]
             | "Sample" >> beam.CombineGlobally(_TrainingSample(self.train_sample_size, dim))
             | "Train" >> beam.Map(_train, dim=dim, factory=self.factory, nprobe=self.nprobe)
         )

@@ -122,9 +122,11 @@ class Block:
             return Block.empty(dim, hash_bits)
         return Block(*(np.concatenate([getattr(b, f) for b in blocks]) for f in Block.__dataclass_fields__))
 
-    def split_by_shard(self, num_shards: int) -> dict[int, Block]:
-        """The non-empty parts of this block, keyed by ``shard_of`` of their item ids."""
-        shard_keys, _ = id_keys(self.item_ids)
+    def split_by_shard(self, num_shards: int, shard_keys: np.ndarray | None = None) -> dict[int, Block]:
+        """The non-empty parts of this block, keyed by ``shard_of`` of their item ids (``shard_keys``: the first
+        key of ``id_keys``, if the caller has it already)."""
+        if shard_keys is None:
+            shard_keys, _ = id_keys(self.item_ids)
         shards = (shard_keys % np.uint64(num_shards)).astype(np.int64)
         return {int(s): self.take(np.flatnonzero(shards == s)) for s in np.unique(shards)}
 
