@@ -261,9 +261,12 @@ def _read_gcs_once(uri: str, timeout: float) -> bytes:
         raise PermissionError(f"{uri}: {e.message}") from e
     except (gexc.ServerError, gexc.TooManyRequests) as e:
         raise TransientError(f"{uri}: HTTP {e.code} {e.message}") from e
-    except (requests.exceptions.Timeout, requests.exceptions.ConnectionError) as e:
-        raise TransientError(f"{uri}: {type(e).__name__}: {e}") from e
-    except (requests.exceptions.ChunkedEncodingError, media.DataCorruption) as e:  # body cut short / bad checksum
+    except (  # timed out, refused, body cut short, bad checksum
+        requests.exceptions.Timeout,
+        requests.exceptions.ConnectionError,
+        requests.exceptions.ChunkedEncodingError,
+        media.DataCorruption,
+    ) as e:
         raise TransientError(f"{uri}: {type(e).__name__}: {e}") from e
 
 

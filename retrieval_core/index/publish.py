@@ -129,10 +129,10 @@ def build_manifest(
         offset += result["vectors"]["rows"]
     features = tuple(table_entry(output_root, p) for p in sorted(feature_files))
     dead_letters = tuple(table_entry(output_root, p) for p in sorted(dead_letter_files))
-    if features and sum(f.rows for f in features) != offset:
+    feature_rows = sum(f.rows for f in features)
+    if features and feature_rows != offset:
         raise ManifestError(
-            f"generation {generation}: the feature files hold {sum(f.rows for f in features)} rows "
-            f"but the index shards {offset}"
+            f"generation {generation}: the feature files hold {feature_rows} rows but the index shards {offset}"
         )
     return Manifest(
         generation=generation,
