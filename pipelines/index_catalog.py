@@ -76,6 +76,11 @@ class IndexOptions(PipelineOptions):
         parser.add_argument(
             "--full", action="store_true", help="re-embed every image (default: only new and changed ones)"
         )
+        parser.add_argument(
+            "--rehash",
+            action="store_true",
+            help="read and hash every image to find changes, trusting no stored size/mtime or GCS generation",
+        )
         parser.add_argument("--keep_generations", type=int, default=3, help="published generations to keep")
         parser.add_argument(
             "--max_error_rate",
@@ -101,6 +106,7 @@ class IndexConfig:
     feature_shards: int
     run_id: str
     full: bool = False
+    rehash: bool = False
     keep_generations: int = 3
     max_error_rate: float = 1.0
 
@@ -136,6 +142,7 @@ class IndexConfig:
             feature_shards=o.feature_shards,
             run_id=run_id,
             full=o.full,
+            rehash=o.rehash,
             keep_generations=o.keep_generations,
             max_error_rate=o.max_error_rate,
         )
@@ -200,6 +207,7 @@ def build_pipeline(
             config.run_id,
             table_prefix(config.output, "features", config.run_id),
             schema,
+            rehash=config.rehash,
         )
         dead_parts.append(bad_reads)
     else:
@@ -310,7 +318,10 @@ def run(argv: list[str] | None = None) -> dict:
         counters = _counters(p.result)
         counts = {
             "catalog_rows": counters.get("read_catalog.rows", 0),
-            **{k: counters.get(f"incremental.{k}", 0) for k in ("new", "changed", "unchanged", "removed")},
+            **{
+                k: counters.get(f"incremental.{k}", 0)
+                for k in ("new", "changed", "unchanged", "removed", "hashed", "stamp_hits")
+            },
             "failed": manifest["counts"]["dead_letter"],
             **manifest["counts"],
         }

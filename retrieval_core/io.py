@@ -6,6 +6,7 @@ on object stores an object only becomes visible when its upload completes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import logging
@@ -16,8 +17,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 from apache_beam.io.filesystems import FileSystems
 
@@ -47,19 +49,16 @@ class TransientError(OSError):
 _TRANSIENT = (TransientError, TimeoutError, ConnectionError, http.client.IncompleteRead, http.client.RemoteDisconnected)
 
 
-def with_retries(fn: Callable[[], bytes], what: str, policy: RetryPolicy) -> bytes:
+T = TypeVar("T")
+
+
+def with_retries(fn: Callable[[], T], what: str, policy: RetryPolicy) -> T:
     """Call ``fn`` until it succeeds or raises a permanent error; back off between attempts."""
     delay = policy.initial_s
     for attempt in range(1, policy.attempts + 1):
         try:
             return fn()
-        except (
-            TransientError,
-            TimeoutError,
-            ConnectionError,
-            http.client.IncompleteRead,
-            http.client.RemoteDisconnected,
-        ) as e:
+        except _TRANSIENT as e:
             if attempt == policy.attempts:
                 raise TransientError(f"{what}: gave up after {attempt} attempts: {type(e).__name__}: {e}") from e
             log.warning("%s: attempt %d failed (%s: %s); retrying in %.2f s", what, attempt, type(e).__name__, e, delay)
@@ -209,15 +208,20 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
         f.write(data)
 
 
-def read_parquet(path: str, columns: list[str] | None = None):
-    """A Parquet file as an Arrow table, from a local path or any remote URI (through our retrying reader)."""
+def read_parquet(path: str, columns: list[str] | None = None, missing_ok: bool = False):
+    """A Parquet file as an Arrow table, from a local path or any remote URI (through our retrying reader).
+
+    ``missing_ok``: columns the file does not have are left out instead of raising (reading files
+    written under an older minor schema version).
+    """
     import io as _io
 
     import pyarrow.parquet as pq
 
-    if is_local(path):
-        return pq.read_table(local_path(path), columns=columns)
-    return pq.read_table(_io.BytesIO(read_bytes(path)), columns=columns)
+    with pq.ParquetFile(local_path(path) if is_local(path) else _io.BytesIO(read_bytes(path))) as source:
+        if columns is not None and missing_ok:
+            columns = [c for c in columns if c in source.schema_arrow.names]
+        return source.read(columns=columns)
 
 
 class PreconditionFailed(RuntimeError):
@@ -246,15 +250,16 @@ def _gcs_bucket_and_name(uri: str):
     return _gcs_client().bucket(bucket), name
 
 
-def _read_gcs_once(uri: str, timeout: float) -> bytes:
-    """One download with our own timeout (connect and each read); the retrying is ``with_retries``'s."""
+@contextlib.contextmanager
+def _gcs_errors(uri: str) -> Iterator[None]:
+    """Translate google-cloud-storage errors: permanent ones to FileNotFoundError / PermissionError,
+    transient ones (5xx, 429, timeouts, refused connections, bodies cut short) to TransientError."""
     import requests
     from google.api_core import exceptions as gexc
     from google.resumable_media import common as media
 
-    bucket, name = _gcs_bucket_and_name(uri)
     try:
-        return bucket.blob(name).download_as_bytes(timeout=timeout, retry=None)
+        yield
     except gexc.NotFound as e:
         raise FileNotFoundError(f"{uri}: {e.message}") from e
     except (gexc.Forbidden, gexc.Unauthorized) as e:
@@ -268,6 +273,84 @@ def _read_gcs_once(uri: str, timeout: float) -> bytes:
         media.DataCorruption,
     ) as e:
         raise TransientError(f"{uri}: {type(e).__name__}: {e}") from e
+
+
+def _read_gcs_once(uri: str, timeout: float) -> bytes:
+    """One download with our own timeout (connect and each read); the retrying is ``with_retries``'s."""
+    bucket, name = _gcs_bucket_and_name(uri)
+    with _gcs_errors(uri):
+        return bucket.blob(name).download_as_bytes(timeout=timeout, retry=None)
+
+
+def _gcs_generation_once(uri: str, timeout: float) -> int:
+    """The live generation of an object: one metadata request, no download."""
+    bucket, name = _gcs_bucket_and_name(uri)
+    with _gcs_errors(uri):
+        blob = bucket.get_blob(name, timeout=timeout, retry=None)
+    if blob is None:
+        raise FileNotFoundError(f"{uri}: no such object")
+    return int(blob.generation)
+
+
+def _read_gcs_stamped_once(uri: str, timeout: float) -> tuple[bytes, str]:
+    """The live generation, then a download of exactly that generation: the bytes and the stamp agree even
+    when the object is overwritten in between."""
+    generation = _gcs_generation_once(uri, timeout)
+    bucket, name = _gcs_bucket_and_name(uri)
+    with _gcs_errors(uri):
+        data = bucket.blob(name, generation=generation).download_as_bytes(timeout=timeout, retry=None)
+    return data, f"gs:{generation}"
+
+
+RACY_NS = 2_000_000_000
+"""A local file modified less than this long before it was read gets no stamp (see ``read_bytes_stamped``)."""
+
+
+def _local_stamp(st: os.stat_result) -> str:
+    return f"file:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
+
+
+def source_stamp(path: str, policy: RetryPolicy | None = None) -> str | None:
+    """What identifies the current version of a file without reading it, or None where nothing does.
+
+    Local files: size, mtime, ctime and inode (``file:...``), from one ``stat``. GCS objects: the object
+    generation (``gs:<generation>``), which changes on every overwrite, from one metadata request.
+    http(s) and other filesystems: None (their images are always re-read and hashed).
+
+    Raises:
+        FileNotFoundError / PermissionError / TransientError: as ``read_bytes``.
+    """
+    if is_local(path):
+        return _local_stamp(os.stat(local_path(path)))
+    if path.startswith("gs://"):
+        policy = policy or DEFAULT_RETRY
+        return f"gs:{with_retries(lambda: _gcs_generation_once(path, policy.timeout_s), path, policy)}"
+    return None
+
+
+def read_bytes_stamped(path: str, policy: RetryPolicy | None = None) -> tuple[bytes, str | None]:
+    """``read_bytes``, plus the ``source_stamp`` of exactly the version read, or None when it cannot be trusted.
+
+    A stamp recorded with a content hash lets the next run skip reading a file whose stamp is unchanged,
+    as ``git status`` does with its index. Locally the stamp is None (so the next run reads the file again)
+    when the file changed while it was read, or when it was modified less than ``RACY_NS`` before the
+    read began: a later write within the filesystem's timestamp granularity could leave size and mtime
+    as they were ("racy git"). A file modified after a trusted stamp was taken gets a newer mtime or ctime.
+    """
+    if is_local(path):
+        local = local_path(path)
+        started = time.time_ns()
+        with open(local, "rb") as f:
+            before = os.fstat(f.fileno())
+            data = f.read()
+        stamp = _local_stamp(before)
+        if stamp != _local_stamp(os.stat(local)) or started - max(before.st_mtime_ns, before.st_ctime_ns) < RACY_NS:
+            stamp = None
+        return data, stamp
+    if path.startswith("gs://"):
+        policy = policy or DEFAULT_RETRY
+        return with_retries(lambda: _read_gcs_stamped_once(path, policy.timeout_s), path, policy)
+    return read_bytes(path, policy), None
 
 
 def object_generation(path: str) -> int:

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.0.0"
-"""Semantic version of the table schemas and the manifest. Bump the major part on breaking changes."""
+SCHEMA_VERSION = "1.1.0"
+"""Semantic version of the table schemas and the manifest. Bump the major part on breaking changes.
+
+1.1.0: ``source_stamp`` (nullable) added at the end of the feature table; 1.0.0 files read as null stamps.
+"""
 
 METADATA_VERSION_KEY = b"schema_version"
 METADATA_TABLE_KEY = b"table"
@@ -62,6 +65,9 @@ def feature_schema(embedding_dim: int, hash_bits: int) -> pa.Schema:
             pa.field("catalog", STRING_MAP),
             pa.field("run_id", pa.string(), nullable=False),
             pa.field("indexed_at", pa.timestamp("us", tz="UTC"), nullable=False),
+            # Size/mtime/ctime/inode or GCS generation of the image version hashed (retrieval_core.io.source_stamp);
+            # null when it could not be trusted. The next run skips reading an image whose stamp is unchanged.
+            pa.field("source_stamp", pa.string()),
         ],
         metadata={
             METADATA_TABLE_KEY: b"features",

@@ -16,7 +16,7 @@ import time
 import urllib.parse
 
 import pytest
-from conftest import LOCAL_RUNNER, write_catalog
+from conftest import LOCAL_RUNNER, jpeg_bytes, write_catalog
 
 from pipelines.index_catalog import run
 from pipelines.lifecycle import LockedError
@@ -41,7 +41,7 @@ STALLED_IMAGES = ("good000.jpg", "good002.jpg")
 
 class FaultProxy(http.server.ThreadingHTTPServer):
     """Forwards to the emulator. Per image, the first media download answers 503 and the second is cut short;
-    the fourth download of ``STALLED_IMAGES`` (the next run's hashing read) hangs past the client's timeout."""
+    the fourth download of ``STALLED_IMAGES`` (the --rehash run's hashing read) hangs past the client's timeout."""
 
     request_queue_size = 128  # the hashing step reads 16 images at a time; the default backlog is 5
 
@@ -197,19 +197,33 @@ def test_pipeline_on_gcs_with_injected_faults(gcs, tmp_path, tiny_bundle, monkey
     assert s.search_items(["item003"], k=1).item_ids == [["item003"]]
 
     # Second run: incremental over GCS; CURRENT is swapped under a generation-match precondition.
+    downloads = dict(gcs.seen)
     report = run([*argv, "--run_id=g2"])
-    assert gcs.injected["timeout"] == len(STALLED_IMAGES)  # hashing reads that hung were timed out and retried
-    assert report["counts"]["unchanged"] == len(expect["good"])
+    c = report["counts"]
+    assert c["unchanged"] == c["stamp_hits"] == len(expect["good"])  # same object generation: not downloaded
+    assert {p: n for p, n in gcs.seen.items() if "good" in p} == {p: n for p, n in downloads.items() if "good" in p}
     # Failed items have no feature row, so they are tried again (and fail again); the missing one fails to read.
-    assert report["counts"]["new"] == len(expect["bad"]) - 1 and report["counts"]["changed"] == 0
+    assert c["new"] == len(expect["bad"]) - 1 and c["changed"] == 0
     assert read_current(out) == "g2"
+
+    # --rehash downloads every image again; the downloads that hang are timed out and retried.
+    report = run([*argv, "--run_id=g3", "--rehash"])
+    assert gcs.injected["timeout"] == len(STALLED_IMAGES)
+    assert report["counts"]["unchanged"] == len(expect["good"]) and report["counts"]["stamp_hits"] == 0
+    assert read_current(out) == "g3"
+
+    # An overwritten object has a new generation: hashed again, and re-embedded as its bytes changed.
+    rio.write_bytes_atomic("gs://bkt/cat/images/good001.jpg", jpeg_bytes(777))
+    report = run([*argv, "--run_id=g4"])
+    assert report["counts"]["changed"] == 1 and report["counts"]["stamp_hits"] == len(expect["good"]) - 1
+    assert read_current(out) == "g4"
     stale = 1  # any generation other than the live one
     with pytest.raises(rio.PreconditionFailed):
         rio.write_bytes_if_generation(f"{out}/CURRENT", b"g1\n", stale)
-    assert read_current(out) == "g2"
+    assert read_current(out) == "g4"
 
     # A lock object held by another run stops a second writer.
     rio.write_bytes_if_generation(f"{out}/LOCK", b'{"run_id": "other"}', 0)
     with pytest.raises(LockedError, match="held by run other"):
-        run([*argv, "--run_id=g3"])
-    assert read_current(out) == "g2"
+        run([*argv, "--run_id=g5"])
+    assert read_current(out) == "g4"

@@ -17,6 +17,7 @@ from conftest import LOCAL_RUNNER, feature_rows, jpeg_bytes, pipeline_flags, wri
 from pipelines.index_catalog import EXIT_ERROR_RATE, EXIT_LOCKED, EXIT_USAGE, main, run
 from pipelines.lifecycle import LOCK_FILE, LockedError
 from pipelines.transforms import incremental
+from retrieval_core import io as rio
 from retrieval_core.index.publish import read_current
 from retrieval_core.search import Searcher
 
@@ -49,6 +50,7 @@ def edit_catalog(catalog: str) -> None:
 @pytest.mark.parametrize("rows_per_partition", [20_000, 3], ids=["one-partition", "many-partitions"])
 def test_incremental_run_equals_a_full_run(tmp_path, tiny_bundle, monkeypatch, rows_per_partition):
     monkeypatch.setattr(incremental, "ROWS_PER_PARTITION", rows_per_partition)  # 3: 7 partitions for 20 items
+    monkeypatch.setattr(rio, "RACY_NS", 0)  # trust the stamps of images written a moment ago
     bundle = tiny_bundle[0]
     catalog, _ = write_catalog(str(tmp_path / "c"), 20, broken=False, duplicate=False)
     out = str(tmp_path / "out")
@@ -60,6 +62,7 @@ def test_incremental_run_equals_a_full_run(tmp_path, tiny_bundle, monkeypatch, r
     c = second["counts"]
     assert second["mode"] == "incremental"
     assert (c["new"], c["changed"], c["unchanged"], c["removed"]) == (2, 2, 16, 2)
+    assert (c["hashed"], c["stamp_hits"]) == (4, 16)  # unchanged images were not even read
     # Only new and changed images were decoded and embedded.
     assert second["counters"]["read_and_decode.decoded"] == 4
     assert second["counters"]["BundleModelHandler.num_inferences"] == 4
@@ -72,6 +75,7 @@ def test_incremental_run_equals_a_full_run(tmp_path, tiny_bundle, monkeypatch, r
         np.testing.assert_allclose(inc[item]["embedding"], ref[item]["embedding"], atol=1e-5)
         assert inc[item]["hash_code"] == ref[item]["hash_code"]
         assert inc[item]["content_sha256"] == ref[item]["content_sha256"]
+        assert inc[item]["source_stamp"] == ref[item]["source_stamp"] == rio.source_stamp(inc[item]["image_uri"])
         assert inc[item]["run_id"] == "day2"
     # Unchanged rows keep the time they were embedded; re-embedded ones get this run's.
     day1 = features(out, "day1")
@@ -81,6 +85,60 @@ def test_incremental_run_equals_a_full_run(tmp_path, tiny_bundle, monkeypatch, r
     a, b = Searcher.open(out), Searcher.open(str(tmp_path / "full"))
     assert a.ntotal == b.ntotal == 20
     assert a.search_items(sorted(ref), k=3).item_ids == b.search_items(sorted(ref), k=3).item_ids
+
+
+def same_size_edit(path: str, seed: int) -> None:
+    """Replace an image's content keeping its size and mtime (JPEG decoders ignore bytes after the end marker)."""
+    st = os.stat(path)
+    data = jpeg_bytes(seed)
+    assert len(data) <= st.st_size
+    with open(path, "r+b") as f:
+        f.write(data + b"\0" * (st.st_size - len(data)))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (os.stat(path).st_size, os.stat(path).st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+
+def test_source_stamps_skip_reads_and_still_catch_every_edit(tmp_path, tiny_bundle, monkeypatch):
+    monkeypatch.setattr(rio, "RACY_NS", 0)
+    catalog, expect = write_catalog(str(tmp_path / "c"), 6, broken=False, duplicate=False)
+    out, bundle = str(tmp_path / "out"), tiny_bundle[0]
+    _run(catalog, out, bundle, "d1")
+
+    c = _run(catalog, out, bundle, "d2")["counts"]
+    assert (c["unchanged"], c["stamp_hits"], c["hashed"]) == (6, 6, 0)
+
+    # Same size, same mtime, other content: the ctime (which no one can set back) gives it away.
+    image = os.path.join(os.path.dirname(catalog), "images", "good002.jpg")
+    same_size_edit(image, 99)
+    c = _run(catalog, out, bundle, "d3")["counts"]
+    assert (c["changed"], c["unchanged"], c["stamp_hits"], c["hashed"]) == (1, 5, 5, 1)
+    assert features(out, "d3")["item002"]["content_sha256"] != features(out, "d2")["item002"]["content_sha256"]
+
+    # A touched file whose bytes did not change is hashed once, stays unchanged and gets its new stamp.
+    os.utime(image)
+    c = _run(catalog, out, bundle, "d4")["counts"]
+    assert (c["changed"], c["unchanged"], c["hashed"]) == (0, 6, 1)
+    assert features(out, "d4")["item002"]["source_stamp"] == rio.source_stamp(image)
+
+    c = _run(catalog, out, bundle, "d5", "--rehash")["counts"]
+    assert (c["unchanged"], c["stamp_hits"], c["hashed"]) == (6, 0, 6)
+
+
+def test_a_generation_of_schema_1_0_is_carried_and_gets_stamps(tmp_path, tiny_bundle, monkeypatch):
+    """Feature files written before ``source_stamp`` existed: hashed once, carried, stamped from then on."""
+    monkeypatch.setattr(rio, "RACY_NS", 0)
+    catalog, _ = write_catalog(str(tmp_path / "c"), 5, broken=False, duplicate=False)
+    out, bundle = str(tmp_path / "out"), tiny_bundle[0]
+    _run(catalog, out, bundle, "d1")
+    for path in glob.glob(f"{out}/features/run=d1/*.parquet"):
+        old = pq.read_table(path).drop_columns(["source_stamp"])
+        old = old.replace_schema_metadata({**old.schema.metadata, b"schema_version": b"1.0.0"})
+        pq.write_table(old, path)
+    c = _run(catalog, out, bundle, "d2")["counts"]
+    assert (c["unchanged"], c["hashed"], c["stamp_hits"]) == (5, 5, 0)
+    assert all(r["source_stamp"] for r in features(out, "d2").values())
+    c = _run(catalog, out, bundle, "d3")["counts"]
+    assert (c["unchanged"], c["hashed"], c["stamp_hits"]) == (5, 0, 5)
 
 
 def test_a_second_run_on_a_locked_output_stops(tmp_path, tiny_bundle):
@@ -214,17 +272,20 @@ def test_carry_rows_updates_catalog_columns_and_keeps_features(tmp_path):
     schema = feature_schema(4, 8)
     rows = feature_rows(5, 4, 8)
     table = pa.Table.from_pylist(rows, schema=schema)
-    carried = [("i3", "new/3.jpg", [("price", "9")]), ("i1", "new/1.jpg", [])]
-    out = incremental.carry_rows(table, carried, "day2", schema)
-    assert out.schema == schema and out.schema.metadata == schema.metadata
-    got = out.to_pylist()
-    assert [r["item_id"] for r in got] == ["i1", "i3"]  # item-id order
-    assert [r["image_uri"] for r in got] == ["new/1.jpg", "new/3.jpg"]
-    assert [r["catalog"] for r in got] == [[], [("price", "9")]]
-    assert {r["run_id"] for r in got} == {"day2"}
-    for r in got:
-        k = int(r["item_id"][1:])
-        for column in ("embedding", "hash_code", "content_sha256", "attributes", "indexed_at", "model_id"):
-            assert r[column] == rows[k][column]  # features and the time they were embedded stay
+    carried = [("i3", "new/3.jpg", [("price", "9")], "file:1:2:3:4"), ("i1", "new/1.jpg", [], None)]
+    # A file of schema 1.0.0 (no source_stamp column) carries the same way.
+    for source in (table, table.drop_columns(["source_stamp"])):
+        out = incremental.carry_rows(source, carried, "day2", schema)
+        assert out.schema == schema and out.schema.metadata == schema.metadata
+        got = out.to_pylist()
+        assert [r["item_id"] for r in got] == ["i1", "i3"]  # item-id order
+        assert [r["image_uri"] for r in got] == ["new/1.jpg", "new/3.jpg"]
+        assert [r["catalog"] for r in got] == [[], [("price", "9")]]
+        assert [r["source_stamp"] for r in got] == [None, "file:1:2:3:4"]
+        assert {r["run_id"] for r in got} == {"day2"}
+        for r in got:
+            k = int(r["item_id"][1:])
+            for column in ("embedding", "hash_code", "content_sha256", "attributes", "indexed_at", "model_id"):
+                assert r[column] == rows[k][column]  # features and the time they were embedded stay
     with pytest.raises(ValueError, match="not in their source file"):
-        incremental.carry_rows(table, [("nope", "x", [])], "day2", schema)
+        incremental.carry_rows(table, [("nope", "x", [], None)], "day2", schema)

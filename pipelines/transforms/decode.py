@@ -51,7 +51,7 @@ class _ReadAndDecodeFn(beam.DoFn):
         uri = row["image_uri"]
         try:
             with self.read_timer.time():
-                data = rio.read_bytes(uri)
+                data, stamp = rio.read_bytes_stamped(uri)
         except Exception as e:  # any read failure is this row's problem only
             self.read_failed.inc()
             yield read_failure(row, read_error(e), self.run_id)
@@ -71,6 +71,7 @@ class _ReadAndDecodeFn(beam.DoFn):
             "item_id": row["item_id"],
             "image_uri": uri,
             "content_sha256": hashlib.sha256(data).hexdigest(),
+            "source_stamp": stamp,  # of the very bytes hashed here, so the next run may trust it
             "width": decoded.width,
             "height": decoded.height,
             "catalog": row["catalog"],

@@ -1,12 +1,19 @@
 """SkipUnchanged: the incremental part of a nightly run.
 
 Catalog rows are joined on ``item_id`` with the keys (item id, content hash,
-model id) of the published generation's feature rows. An image whose bytes hash
-to the stored ``content_sha256`` (and whose stored row came from the same model)
-is *unchanged*: its feature row is carried over without decoding or embedding.
-Everything else is *new* or *changed* and goes on to ReadAndDecode. Items of the
-previous generation that are no longer in the catalog are *removed*: they are
-simply not carried.
+model id, source stamp) of the published generation's feature rows. An image
+whose bytes hash to the stored ``content_sha256`` (and whose stored row came from
+the same model) is *unchanged*: its feature row is carried over without decoding
+or embedding. Everything else is *new* or *changed* and goes on to ReadAndDecode.
+Items of the previous generation that are no longer in the catalog are
+*removed*: they are simply not carried.
+
+Most images are not even read: when the stored ``source_stamp`` (size, mtime,
+ctime and inode of a local file; the generation of a GCS object) equals the
+image's stamp now, the stored hash still holds, as ``git status`` trusts its
+index. One ``stat`` (or one GCS metadata request) replaces reading and hashing
+the image. Stamps are only recorded when they can be trusted (see
+``retrieval_core.io.read_bytes_stamped``); ``--rehash`` ignores them.
 
 Carrying is column-wise: only the small keys take part in the join; each
 previous feature file is then read once as an Arrow table, the carried rows are
@@ -24,6 +31,7 @@ import time
 import zlib
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import apache_beam as beam
 import pyarrow as pa
@@ -38,18 +46,31 @@ from retrieval_core import io as rio
 from schemas import STRING_MAP
 
 CARRIED_TAG = "carried"
-_KEY_COLUMNS = ["item_id", "content_sha256", "model_id"]
+_KEY_COLUMNS = ["item_id", "content_sha256", "model_id", "source_stamp"]
 
 
-def _hash_content(row: dict) -> tuple[dict, str | None, tuple[str, str] | None, int]:
-    """(row, sha256 of its image bytes or None, read error or None, microseconds)."""
+class _Fingerprint(NamedTuple):
+    row: dict
+    digest: str | None  # sha256 of the image bytes; None when the read failed
+    stamp: str | None  # source stamp of the version hashed (or checked)
+    error: tuple[str, str] | None  # read_error of a failed read
+    read: bool  # False: the stored hash was trusted because the stamp was unchanged
+    micros: int
+
+
+def _fingerprint(row: dict, stored: tuple[str, str] | None) -> _Fingerprint:
+    """The content hash of ``row``'s image. ``stored`` (sha256, stamp) is trusted, without reading the image,
+    when the image's stamp is still ``stamp``; otherwise the image is read and hashed."""
     start = time.perf_counter_ns()
-    digest = error = None
     try:
-        digest = hashlib.sha256(rio.read_bytes(row["image_uri"])).hexdigest()
+        uri = row["image_uri"]
+        if stored is not None and rio.source_stamp(uri) == stored[1]:
+            return _Fingerprint(row, stored[0], stored[1], None, False, (time.perf_counter_ns() - start) // 1000)
+        data, stamp = rio.read_bytes_stamped(uri)
+        digest, error = hashlib.sha256(data).hexdigest(), None
     except Exception as e:  # this row's problem only
-        error = read_error(e)
-    return row, digest, error, (time.perf_counter_ns() - start) // 1000
+        digest, stamp, error = None, None, read_error(e)
+    return _Fingerprint(row, digest, stamp, error, True, (time.perf_counter_ns() - start) // 1000)
 
 
 _CURRENT, _PREVIOUS = 0, 1  # the two sides of the join
@@ -87,41 +108,47 @@ class _PartitionRowsFn(beam.DoFn):
 
 
 class _PreviousKeysFn(beam.DoFn):
-    """A previous feature file -> ``(partition, (_PREVIOUS, (file, [(item_id, content_sha256, model_id)])))``."""
+    """A previous feature file -> ``(partition, (_PREVIOUS, (file, [(item_id, content_sha256, model_id, stamp)])))``.
+
+    Files of schema 1.0 have no ``source_stamp`` column: their stamps are None (their images are hashed).
+    """
 
     def __init__(self, partitions: int) -> None:
         self.partitions = partitions
 
     def process(self, path: str):
-        table = rio.read_parquet(path, columns=_KEY_COLUMNS)
+        table = rio.read_parquet(path, columns=_KEY_COLUMNS, missing_ok=True)
+        columns = [table[c].to_pylist() if c in table.column_names else [None] * len(table) for c in _KEY_COLUMNS]
         parts = defaultdict(list)
-        for keys in zip(*(table.column(c).to_pylist() for c in _KEY_COLUMNS), strict=True):
+        for keys in zip(*columns, strict=True):
             parts[join_partition(keys[0], self.partitions)].append(keys)
         for part, keys in parts.items():
             yield part, (_PREVIOUS, (path, keys))
 
 
 class _ClassifyFn(beam.DoFn):
-    """One join partition: drop repeated catalog rows, hash the images, then carry, re-embed or count removals.
+    """One join partition: drop repeated catalog rows, fingerprint the images, then carry, re-embed or count removals.
 
     This is a partitioned hash join: catalog rows and previous keys meet by partition of the item id,
     so what is shuffled is a few lists per partition, never one record per item. Catalog rows arrive
     un-deduplicated (the join groups by item id anyway) and ``keep_first`` applies the rule ReadCatalog
-    applies on a full run. Hashing happens after the shuffle, so it is spread over workers. Remote
-    images (GCS, http) are read ``threads`` at a time, because such a read is mostly waiting; local
-    files are hashed inline, because for small files a pool only adds GIL hand-offs (5x slower,
-    measured on 10,000 5 KB files).
+    applies on a full run. Fingerprinting (a stamp check, else a read and a hash) happens after the
+    shuffle, so it is spread over workers. Remote images (GCS, http) are fingerprinted ``threads`` at a
+    time, because such a request is mostly waiting; local files inline, because for small files a pool
+    only adds GIL hand-offs (5x slower, measured on 10,000 5 KB files). ``rehash``: never trust a stamp.
 
-    Outputs: rows to decode (main); ``(previous file, [(item_id, image_uri, catalog items)])`` for the
-    carried items (``CARRIED_TAG``); dead letters.
+    Outputs: rows to decode (main); ``(previous file, [(item_id, image_uri, catalog items, stamp)])`` for
+    the carried items (``CARRIED_TAG``); dead letters.
     """
 
-    def __init__(self, model_id: str, run_id: str, threads: int = 16) -> None:
-        self.model_id, self.run_id, self.threads = model_id, run_id, threads
+    def __init__(self, model_id: str, run_id: str, rehash: bool = False, threads: int = 16) -> None:
+        self.model_id, self.run_id, self.rehash, self.threads = model_id, run_id, rehash, threads
         self.read_failed = Metrics.counter("read_and_decode", "read_failed")
         self.duplicates = duplicates_counter()
         self.counters = {k: Metrics.counter("incremental", k) for k in ("new", "changed", "unchanged", "removed")}
-        self.timer = StageTimer("incremental", "read_and_hash")
+        self.hashed = Metrics.counter("incremental", "hashed")  # images read and hashed
+        self.stamp_hits = Metrics.counter("incremental", "stamp_hits")  # stored hash trusted, image not read
+        self.timer = StageTimer("incremental", "fingerprint")
 
     def setup(self) -> None:
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="hash")
@@ -138,25 +165,32 @@ class _ClassifyFn(beam.DoFn):
                     current[row["item_id"]].append(row)
             else:
                 path, keys = value
-                previous.update((item_id, (digest, model_id, path)) for item_id, digest, model_id in keys)
+                previous.update((key[0], (*key[1:], path)) for key in keys)  # item_id -> (sha, model, stamp, file)
         self.counters["removed"].inc(len(previous.keys() - current.keys()))
         local, remote = [], []
         for item_id, rows in current.items():
             row, duplicates = keep_first(item_id, rows, self.run_id)
             self.duplicates.inc(len(duplicates))
             yield from duplicates
-            (local if rio.is_local(row["image_uri"]) else remote).append(row)
-        hashed = itertools.chain(map(_hash_content, local), self.pool.map(_hash_content, remote))
+            prev = previous.get(item_id)
+            trusted = None  # a stored (hash, stamp) worth checking: same model, a stamp, not --rehash
+            if prev is not None and prev[1] == self.model_id and prev[2] is not None and not self.rehash:
+                trusted = (prev[0], prev[2])
+            (local if rio.is_local(row["image_uri"]) else remote).append((row, trusted))
+        fingerprints = itertools.chain(
+            itertools.starmap(_fingerprint, local), self.pool.map(lambda job: _fingerprint(*job), remote)
+        )
         carried = defaultdict(list)
-        for row, digest, error, micros in hashed:
+        for row, digest, stamp, error, read, micros in fingerprints:
             self.timer.record(micros)
+            (self.hashed if read else self.stamp_hits).inc()
             prev = previous.get(row["item_id"])
             if error is not None:
                 self.read_failed.inc()
                 yield read_failure(row, error, self.run_id)
             elif prev is not None and prev[0] == digest and prev[1] == self.model_id:
                 self.counters["unchanged"].inc()
-                carried[prev[2]].append((row["item_id"], row["image_uri"], sorted(row["catalog"].items())))
+                carried[prev[3]].append((row["item_id"], row["image_uri"], sorted(row["catalog"].items()), stamp))
             else:
                 self.counters["changed" if prev is not None else "new"].inc()
                 yield {**row, "content_sha256": digest}
@@ -169,9 +203,12 @@ def carried_file_name(prefix: str, previous_file: str) -> str:
     return f"{prefix}-carried-{hashlib.sha256(previous_file.encode()).hexdigest()[:16]}.parquet"
 
 
-def carry_rows(table: pa.Table, carried: list[tuple[str, str, list]], run_id: str, schema: pa.Schema) -> pa.Table:
-    """The rows of ``table`` named by ``carried`` (item_id, image_uri, catalog items), in item-id order, with
-    this run's catalog columns and run id; features, content hash and ``indexed_at`` stay as they were."""
+def carry_rows(
+    table: pa.Table, carried: list[tuple[str, str, list, str | None]], run_id: str, schema: pa.Schema
+) -> pa.Table:
+    """The rows of ``table`` named by ``carried`` (item_id, image_uri, catalog items, source stamp), in item-id
+    order, with this run's catalog columns, stamps and run id; features, content hash and ``indexed_at`` stay
+    as they were. ``table`` may be of an older minor schema version (no ``source_stamp`` column)."""
     carried = sorted(carried)
     position = {item_id: i for i, item_id in enumerate(table.column("item_id").to_pylist())}
     missing = [c[0] for c in carried if c[0] not in position]
@@ -182,8 +219,9 @@ def carry_rows(table: pa.Table, carried: list[tuple[str, str, list]], run_id: st
         "image_uri": pa.array([c[1] for c in carried], pa.string()),
         "catalog": pa.array([c[2] for c in carried], STRING_MAP),
         "run_id": pa.array([run_id] * len(carried), pa.string()),
+        "source_stamp": pa.array([c[3] for c in carried], pa.string()),
     }
-    return pa.Table.from_arrays([replace.get(f.name, out.column(f.name)) for f in schema], schema=schema)
+    return pa.Table.from_arrays([replace[f.name] if f.name in replace else out[f.name] for f in schema], schema=schema)
 
 
 class _WriteCarriedFn(beam.DoFn):
@@ -214,6 +252,7 @@ class SkipUnchanged(beam.PTransform):
         run_id: this run.
         prefix: file prefix of this run's feature table (``table_prefix``); carried files are written beside it.
         schema: the feature schema.
+        rehash: read and hash every image, trusting no stored source stamp.
     """
 
     def __init__(
@@ -224,8 +263,10 @@ class SkipUnchanged(beam.PTransform):
         run_id: str,
         prefix: str,
         schema: pa.Schema,
+        rehash: bool = False,
     ) -> None:
         super().__init__()
+        self.rehash = rehash
         self.previous_files, self.model_id, self.run_id = list(previous_feature_files), model_id, run_id
         self.partitions = join_partitions(previous_rows)
         self.prefix, self.schema = prefix, schema
@@ -248,7 +289,7 @@ class SkipUnchanged(beam.PTransform):
             | "BothSides" >> beam.Flatten()
             | "JoinByPartition" >> beam.GroupByKey()
             | "Classify"
-            >> beam.ParDo(_ClassifyFn(self.model_id, self.run_id)).with_outputs(
+            >> beam.ParDo(_ClassifyFn(self.model_id, self.run_id, self.rehash)).with_outputs(
                 CARRIED_TAG, DEAD_LETTER_TAG, main="todo"
             )
         )

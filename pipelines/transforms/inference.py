@@ -84,6 +84,7 @@ def to_feature_row(meta: dict, result: PredictionResult, run_id: str, indexed_at
         "catalog": sorted(meta["catalog"].items()),
         "run_id": run_id,
         "indexed_at": indexed_at,
+        "source_stamp": meta["source_stamp"],
     }
 
 
