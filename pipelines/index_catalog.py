@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import apache_beam as beam
+import faiss
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
@@ -67,6 +68,11 @@ class IndexOptions(PipelineOptions):
             default=None,
             help="force a faiss factory string (default: chosen from the number of vectors)",
         )
+        parser.add_argument(
+            "--binary_factory",
+            default=None,
+            help="force a faiss binary factory string, e.g. BFlat or BHash3x21 (default: chosen from the size)",
+        )
         parser.add_argument("--nprobe", type=int, default=None, help="IVF lists probed at query time")
         parser.add_argument("--train_sample_size", type=int, default=65536, help="vectors sampled to train the index")
         parser.add_argument(
@@ -109,6 +115,7 @@ class IndexConfig:
     rehash: bool = False
     keep_generations: int = 3
     max_error_rate: float = 1.0
+    binary_factory: str | None = None
 
     @classmethod
     def from_options(cls, options: PipelineOptions) -> IndexConfig:
@@ -137,6 +144,7 @@ class IndexConfig:
             batch_size=o.batch_size,
             device=o.device,
             index_factory=o.index_factory,
+            binary_factory=o.binary_factory,
             nprobe=o.nprobe,
             train_sample_size=o.train_sample_size,
             feature_shards=o.feature_shards,
@@ -235,6 +243,7 @@ def build_pipeline(
         factory=config.index_factory,
         nprobe=config.nprobe,
         train_sample_size=config.train_sample_size,
+        binary_factory=config.binary_factory,
     )
     _ = (shards, spec, feature_files, dead_files) | "Publish" >> Publish(
         max_error_rate=config.max_error_rate,
@@ -283,6 +292,20 @@ def _counters(result) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
+def check_factories(config: IndexConfig, bundle: BundleConfig) -> None:
+    """Refuse a forced faiss factory string faiss cannot build, before any work (ValueError)."""
+    for flag, value, make in (
+        ("--index_factory", config.index_factory, lambda f: faiss.index_factory(bundle.embedding_dim, f)),
+        ("--binary_factory", config.binary_factory, lambda f: faiss.index_binary_factory(bundle.hash_bits, f)),
+    ):
+        if value is not None:
+            try:
+                make(value)
+            except RuntimeError as e:
+                reason = str(e).strip().splitlines()[-1].rsplit(".cpp:", 1)[-1].split(": ", 1)[-1]
+                raise ValueError(f"{flag} {value!r}: faiss cannot build it ({reason})") from e
+
+
 def run(argv: list[str] | None = None) -> dict:
     """Parse flags, run the pipeline to completion, write ``runs/<run_id>.json``, and return that report.
 
@@ -293,6 +316,7 @@ def run(argv: list[str] | None = None) -> dict:
     options = PipelineOptions(argv)
     config = IndexConfig.from_options(options)
     bundle = verify_bundle(config.bundle)  # a corrupt bundle is exit 2 now, not a crash on every worker
+    check_factories(config, bundle)
     runner = options.view_as(StandardOptions).runner
     if runner is None or runner in LOCAL_RUNNERS:
         resolve_device(config.device)  # --device cuda with no GPU: fail now, before any work

@@ -44,10 +44,11 @@ def build_generation(
     generation: str = "g1",
     nprobe: int | None = None,
     model_id: str = "m-1",
+    binary_factory: str | None = None,
 ) -> list[str]:
     """What the Beam graph does, done by hand: train on all vectors, fill shards, publish."""
     item_ids = [f"it{i:06d}" for i in range(len(emb))]
-    spec = choose_spec(len(emb), factory, nprobe)
+    spec = choose_spec(len(emb), factory, nprobe, binary_factory=binary_factory)
     trained = train_vector_index(emb, emb.shape[1], spec)
     dim, bits = emb.shape[1], codes.shape[1] * 8
     everything = Block(np.array(item_ids, object), np.array(["0" * 64] * len(emb), object), emb, codes)
@@ -108,6 +109,29 @@ def test_hamming_knn_equals_popcount_brute_force(binary_generation):
         order = np.lexsort((np.arange(len(item_ids)), dist[q]))[:20]
         assert result.scores[q].astype(int).tolist() == dist[q][order].tolist()
         assert result.item_ids[q] == [item_ids[j] for j in order]
+
+
+def test_multi_hash_shards_answer_exactly_as_flat_ones(binary_generation, tmp_path):
+    root, emb, codes, item_ids = binary_generation
+    mh = str(tmp_path / "mh")
+    build_generation(mh, emb, codes, num_shards=4, binary_factory="BHash3x5")
+    flat, hashed = Searcher.open(root), Searcher.open(mh)
+    assert (flat.manifest.binary_factory, hashed.manifest.binary_factory) == ("BFlat", "BHash3x5")
+    queries = codes[:50]
+    a, b = flat.search_codes(queries, k=20), hashed.search_codes(queries, k=20)
+    assert a.item_ids == b.item_ids and np.array_equal(a.scores, b.scores)
+    allowed = np.arange(0, len(codes), 3)  # a filter goes through the scan behind the hash tables
+    a, b = flat.search_codes(queries, k=5, allowed_ids=allowed), hashed.search_codes(queries, k=5, allowed_ids=allowed)
+    assert a.item_ids == b.item_ids
+    dist = hamming_distances(queries, codes)
+    for radius in (0, 2, 4):  # 2: from the tables; 4: beyond them, by a scan
+        got = hashed.search_codes_within(queries, radius)
+        assert [(ids, d.tolist()) for ids, d in got] == [
+            (ids, d.tolist()) for ids, d in flat.search_codes_within(queries, radius)
+        ]
+        for q, (ids, d) in enumerate(got):
+            expect = [j for j in np.lexsort((np.arange(len(codes)), dist[q])) if dist[q][j] <= radius]
+            assert ids == [item_ids[j] for j in expect] and d.tolist() == dist[q][expect].tolist()
 
 
 def test_sharding_does_not_change_results(binary_generation, tmp_path):

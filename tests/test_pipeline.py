@@ -149,14 +149,27 @@ def test_jsonl_and_parquet_catalogs_with_ivf_index(tmp_path, tiny_bundle, fmt):
     else:
         pq.write_table(pa.Table.from_pylist(rows), path)
     out = str(tmp_path / "out")
-    report = _run(path, out, tiny_bundle[0], "--index_factory=IVF4,Flat", "--nprobe=4")
+    report = _run(path, out, tiny_bundle[0], "--index_factory=IVF4,Flat", "--nprobe=4", "--binary_factory=BHash3x5")
     assert report["counts"]["indexed"] == len(expect["good"])
     assert report["counts"]["dead_letter"] == len(expect["bad"])
     searcher = Searcher.open(out)
-    assert searcher.manifest.vector_factory == "IVF4,Flat"
+    assert (searcher.manifest.vector_factory, searcher.manifest.binary_factory) == ("IVF4,Flat", "BHash3x5")
     assert isinstance(faiss.read_index(os.path.join(out, searcher.manifest.vector_shards[0].path)), faiss.IndexIVFFlat)
+    hamming_shard = faiss.read_index_binary(os.path.join(out, searcher.manifest.hamming_shards[0].path))
+    assert isinstance(hamming_shard, faiss.IndexBinaryMultiHash)
     result = searcher.search_items(expect["good"], k=1)  # nprobe = nlist: exact, so each item finds itself
     assert [r[0] for r in result.item_ids] == expect["good"]
+    _, codes = searcher.features_of(expect["good"])
+    within = searcher.search_codes_within(codes, 0)
+    assert all(item in ids and not d.any() for item, (ids, d) in zip(expect["good"], within))
+
+
+@pytest.mark.parametrize("flag", ["--index_factory=IVFx", "--binary_factory=BNope"])
+def test_a_factory_faiss_cannot_build_is_refused_before_any_work(tmp_path, tiny_bundle, flag):
+    catalog, _ = write_catalog(str(tmp_path / "c"), 2, broken=False, duplicate=False)
+    with pytest.raises(ValueError, match=f"{flag.split('=')[0]} .*faiss cannot build it"):
+        _run(catalog, str(tmp_path / "out"), tiny_bundle[0], flag)
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_inference_failure_becomes_dead_letters(tmp_path, tiny_bundle, monkeypatch):

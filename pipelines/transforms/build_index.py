@@ -79,9 +79,17 @@ class _TrainingSample(beam.CombineFn):
         return count, vectors
 
 
-def _train(sample: tuple[int, np.ndarray], *, dim: int, factory: str | None, nprobe: int | None):
+def _train(
+    sample: tuple[int, np.ndarray],
+    *,
+    dim: int,
+    hash_bits: int,
+    factory: str | None,
+    nprobe: int | None,
+    binary_factory: str | None,
+):
     count, vectors = sample
-    spec = choose_spec(count, factory, nprobe)
+    spec = choose_spec(count, factory, nprobe, hash_bits, binary_factory)
     return spec, train_vector_index(vectors, dim, spec)
 
 
@@ -125,7 +133,8 @@ class BuildIndex(beam.PTransform):
         generation_rel: the same, relative to the output root (for the manifest).
         num_shards: number of shards of each index.
         dim, hash_bits: embedding size and code length.
-        factory, nprobe: force a faiss factory string / nprobe; default chosen from the row count.
+        factory, nprobe, binary_factory: force a faiss factory string / nprobe / binary factory string;
+            default chosen from the row count.
         train_sample_size: vectors sampled to train the quantiser.
     """
 
@@ -140,11 +149,13 @@ class BuildIndex(beam.PTransform):
         factory: str | None = None,
         nprobe: int | None = None,
         train_sample_size: int = 65536,
+        binary_factory: str | None = None,
     ) -> None:
         super().__init__()
         self.generation_dir, self.generation_rel = generation_dir, generation_rel
         self.num_shards, self.dim, self.hash_bits = num_shards, dim, hash_bits
         self.factory, self.nprobe, self.train_sample_size = (factory, nprobe, train_sample_size)
+        self.binary_factory = binary_factory
 
     def expand(self, feature_files):
         n, dim, bits = self.num_shards, self.dim, self.hash_bits
@@ -155,7 +166,15 @@ class BuildIndex(beam.PTransform):
         trained = (
             read[SAMPLE_TAG]
             | "Sample" >> beam.CombineGlobally(_TrainingSample(self.train_sample_size, dim))
-            | "Train" >> beam.Map(_train, dim=dim, factory=self.factory, nprobe=self.nprobe)
+            | "Train"
+            >> beam.Map(
+                _train,
+                dim=dim,
+                hash_bits=bits,
+                factory=self.factory,
+                nprobe=self.nprobe,
+                binary_factory=self.binary_factory,
+            )
         )
         # Every shard exists even when no item hashes to it, so the manifest always lists num_shards shards.
         shard_keys = feature_files.pipeline | "AllShards" >> beam.Create([(s, None) for s in range(n)], reshuffle=False)

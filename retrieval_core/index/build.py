@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from retrieval_core import io as rio
+from retrieval_core.index.hamming import choose_binary_factory
 from schemas import IDS_SCHEMA
 
 FLAT_MAX_ROWS = 50_000
@@ -150,11 +151,18 @@ def bottom_k(keys: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray,
     return keys[order], vectors[order]
 
 
-def choose_spec(n_total: int, factory: str | None = None, nprobe: int | None = None) -> IndexSpec:
-    """Pick an index type from the number of vectors, unless ``factory`` forces one.
+def choose_spec(
+    n_total: int,
+    factory: str | None = None,
+    nprobe: int | None = None,
+    hash_bits: int | None = None,
+    binary_factory: str | None = None,
+) -> IndexSpec:
+    """Pick the index types from the number of vectors, unless ``factory`` / ``binary_factory`` force them.
 
-    Flat (exact) up to ``FLAT_MAX_ROWS``; above that ``IVF<nlist>,Flat`` with
+    Vectors: Flat (exact) up to ``FLAT_MAX_ROWS``; above that ``IVF<nlist>,Flat`` with
     nlist ~ 4 sqrt(n) rounded to a power of two, probing 1/16 of the lists.
+    Codes: ``hamming.choose_binary_factory`` (multi-index hashing for large generations; both exact).
     """
     if factory is None:
         if n_total <= FLAT_MAX_ROWS:
@@ -165,7 +173,9 @@ def choose_spec(n_total: int, factory: str | None = None, nprobe: int | None = N
     nlist = _nlist(factory)
     if nprobe is None:
         nprobe = max(1, nlist // 16) if nlist else 1
-    return IndexSpec(vector_factory=factory, binary_factory="BFlat", nprobe=nprobe)
+    if binary_factory is None:
+        binary_factory = choose_binary_factory(n_total, hash_bits) if hash_bits else "BFlat"
+    return IndexSpec(vector_factory=factory, binary_factory=binary_factory, nprobe=nprobe)
 
 
 def _nlist(factory: str) -> int:

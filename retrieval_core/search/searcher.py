@@ -2,10 +2,11 @@
 
 ``Searcher.open(root)`` follows ``CURRENT``, validates the manifest, verifies
 every file's sha256, memory-maps the shards, and answers k-NN queries on
-embeddings (inner product) and on binary codes (Hamming). Ties are broken by
-item id: inside a shard rows are in item-id order and faiss breaks ties by the
-lower id, and the merge across shards does the same, so the answer does not
-depend on the number of shards.
+embeddings (inner product) and on binary codes (Hamming), and Hamming radius
+queries. Ties are broken by item id: inside a shard rows are in item-id order
+and faiss breaks ties by the lower id, and the merge across shards does the
+same, so the answer does not depend on the number of shards. Hamming answers
+are exact whatever the binary index type (``retrieval_core.index.hamming``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pyarrow.compute as pc
 
 from retrieval_core import io as rio
 from retrieval_core.encoder import Encoder
+from retrieval_core.index import hamming
 from retrieval_core.index.publish import load_manifest, verify_files
 from retrieval_core.preprocess import load_image_file
 from schemas import Manifest, check_schema_version
@@ -155,10 +157,28 @@ class Searcher:
 
     def search_codes(self, codes: np.ndarray, k: int = 10, *, allowed_ids: np.ndarray | None = None) -> SearchResult:
         """Hamming k-NN on packed binary codes ((n, bits/8) uint8)."""
+        c = self._check_codes(codes)
+        return self._search(self.hamming_shards, c, k, higher_is_better=False, nprobe=None, allowed=allowed_ids)
+
+    def _check_codes(self, codes: np.ndarray) -> np.ndarray:
         c = np.ascontiguousarray(np.atleast_2d(codes), dtype=np.uint8)
         if c.shape[1] * 8 != self.manifest.hash_bits:
             raise ValueError(f"codes have {c.shape[1] * 8} bits, the index has {self.manifest.hash_bits}")
-        return self._search(self.hamming_shards, c, k, higher_is_better=False, nprobe=None, allowed=allowed_ids)
+        return c
+
+    def search_codes_within(self, codes: np.ndarray, radius: int) -> list[tuple[list[str], np.ndarray]]:
+        """Every indexed item within Hamming distance ``radius`` (inclusive) of each code: per query,
+        ``(item ids, distances)`` sorted by distance then item id. Exact for any radius; a multi-hash
+        index answers up to ``hamming.exact_radius`` from its tables, beyond that by a scan."""
+        c = self._check_codes(codes)
+        per_shard = [hamming.range_search(shard, c, radius) for shard in self.hamming_shards]
+        out = []
+        for q in range(len(c)):
+            dist = np.concatenate([found[q][0] for found in per_shard]).astype(np.int64)
+            ids = np.concatenate([found[q][1] + offset for found, offset in zip(per_shard, self.offsets)])
+            order = np.lexsort((self._item_rank[ids], dist))
+            out.append((self._names(ids[order][None, :])[0], dist[order]))
+        return out
 
     def features_of(self, item_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Stored (embeddings, codes) of indexed items, read from this generation's feature files."""
@@ -210,7 +230,13 @@ class Searcher:
                 continue
             params = self._params(shard, nprobe, allowed, offset)
             kk = min(k, shard.ntotal)
-            d, i = shard.search(q, kk, params=params) if params is not None else shard.search(q, kk)
+            if params is not None:  # a filter: faiss applies selectors in the scan
+                scan = hamming.scan_index(shard) if isinstance(shard, faiss.IndexBinary) else shard
+                d, i = scan.search(q, kk, params=params)
+            elif isinstance(shard, faiss.IndexBinary):
+                d, i = hamming.knn(shard, q, kk)
+            else:
+                d, i = shard.search(q, kk)
             all_d.append(d.astype(np.float64))
             all_i.append(np.where(i >= 0, i + offset, -1))
         n = len(q)
