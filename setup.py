@@ -37,6 +37,7 @@ setup(
             "ruff==0.17.6",
             "duckdb==2.0.0",
             "gcp-storage-emulator==2026.7.19",
+            "matplotlib==3.11.2",  # the plots of make bench
         ],
     },
     entry_points={

@@ -13,31 +13,17 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
-import platform
 import shutil
-import subprocess
 import time
 
 from PIL import Image, ImageOps
 
+from bench.common import commit, machine, write_rows
 from pipelines.index_catalog import run as run_pipeline
 from pipelines.run_default import LOCAL_RUNNER
 from retrieval_core.bundle import CONFIG_FILE
 from retrieval_core.data.synthetic import SyntheticConfig, generate_catalog
-
-
-def machine() -> str:
-    gpu = "no GPU"
-    return f"{os.cpu_count()}-core {platform.machine()}, {gpu}, Python {platform.python_version()}"
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def day_two(catalog: str, work: str, fraction: float, seed_rows: list[dict]) -> str:
@@ -89,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=10_000, help="catalog size")
     p.add_argument("--fraction", type=float, default=0.01, help="share of rows that change on day two")
     p.add_argument("--quick", action="store_true", help="1,000 images (CI smoke size)")
-    p.add_argument("--out", default="bench/results/incremental.json")
+    p.add_argument("--out", default=None, help="default: bench/results/incremental.json")
     args = p.parse_args(argv)
     n_images = 1000 if args.quick else args.images
     bundle = os.path.join(args.artifacts, "bundles", "baseline")
@@ -155,9 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                 "ratio": round(inc_s / full_s, 3),
             }
         )
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(rows, f, indent=2)
+    out = write_rows("incremental", rows, args.out)
     print("| run | images | read and hashed | decoded | wall s | ratio |\n|---|---|---|---|---|---|")
     print(f"| full | {rows[0]['images']} | {rows[0]['images']} | {rows[0]['decoded']} | {rows[0]['wall_s']} | 1 |")
     for r in rows[1:]:
@@ -165,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['method']} ({r['new']} new, {r['changed']} changed, {r['removed']} removed) | {r['images']} | "
             f"{r['hashed']} | {r['decoded']} | {r['wall_s']} | {r['ratio']} |"
         )
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
     return 0
 
 

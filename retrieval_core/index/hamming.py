@@ -52,9 +52,19 @@ def scan_index(index: faiss.IndexBinary) -> faiss.IndexBinary:
     return index.storage if isinstance(index, faiss.IndexBinaryMultiHash) else index
 
 
-def _by_distance_then_id(distances: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    order = np.lexsort((ids, distances))[:k]
-    return distances[order], ids[order]
+_ID_BITS = 40
+_ID_MASK = (1 << _ID_BITS) - 1
+
+
+def _sorted_per_query(lims: np.ndarray, dist: np.ndarray, ids: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """faiss range-search output -> per query ``(distances, ids)`` sorted by distance then id."""
+    # (distance, id) packed in one int64 (ids < 2^40, distances < 2^23): one small sort per query, no lexsort.
+    keys = (dist.astype(np.int64) << _ID_BITS) | ids
+    out = []
+    for q in range(len(lims) - 1):
+        key = np.sort(keys[lims[q] : lims[q + 1]])
+        out.append(((key >> _ID_BITS).astype(np.int32), key & _ID_MASK))
+    return out
 
 
 def range_search(index: faiss.IndexBinary, queries: np.ndarray, radius: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -64,11 +74,7 @@ def range_search(index: faiss.IndexBinary, queries: np.ndarray, radius: int) -> 
         raise ValueError(f"radius must be >= 0, got {radius}")
     queries = np.ascontiguousarray(queries, dtype=np.uint8)
     source = index if radius <= exact_radius(index) else scan_index(index)
-    lims, dist, ids = source.range_search(queries, radius + 1)  # faiss keeps distances < its radius
-    return [
-        _by_distance_then_id(dist[lims[q] : lims[q + 1]].astype(np.int32), ids[lims[q] : lims[q + 1]], len(ids))
-        for q in range(len(queries))
-    ]
+    return _sorted_per_query(*source.range_search(queries, radius + 1))  # faiss keeps distances < its radius
 
 
 def knn(index: faiss.IndexBinary, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -84,10 +90,10 @@ def knn(index: faiss.IndexBinary, queries: np.ndarray, k: int) -> tuple[np.ndarr
         return index.search(queries, k)
     dist = np.full((len(queries), k), np.iinfo(np.int32).max, np.int32)
     ids = np.full((len(queries), k), -1, np.int64)
-    lims, d, i = index.range_search(queries, radius + 1)
-    counts = np.diff(lims)
+    found = _sorted_per_query(*index.range_search(queries, radius + 1))
+    counts = np.array([len(f[1]) for f in found])
     for q in np.flatnonzero(counts >= k):
-        dist[q], ids[q] = _by_distance_then_id(d[lims[q] : lims[q + 1]], i[lims[q] : lims[q + 1]], k)
+        dist[q], ids[q] = found[q][0][:k], found[q][1][:k]
     rest = np.flatnonzero(counts < k)
     if len(rest):
         dist[rest], ids[rest] = scan_index(index).search(queries[rest], k)

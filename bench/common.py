@@ -1,0 +1,43 @@
+"""What every benchmark records beside its numbers: the machine, the commit, and where the rows go."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+
+RESULTS_DIR = os.path.join("bench", "results")
+
+
+def machine() -> str:
+    """CPU count, architecture, GPU (if torch sees one) and Python version, in one line."""
+    gpu = "no GPU"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return f"{os.cpu_count()}-core {platform.machine()}, {gpu}, Python {platform.python_version()}"
+
+
+def commit() -> str:
+    """Short hash of HEAD, with ``+dirty`` when the working tree differs from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    except OSError:
+        return "unknown"
+    return head + ("+dirty" if dirty.stdout.strip() else "") if head else "unknown"
+
+
+def write_rows(name: str, rows: list[dict], out: str | None = None) -> str:
+    """Write ``rows`` (the CONVENTIONS.md row shape) to ``bench/results/<name>.json``; returns the path."""
+    path = out or os.path.join(RESULTS_DIR, f"{name}.json")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=2)
+        f.write("\n")
+    return path

@@ -1,0 +1,138 @@
+"""Write ``docs/benchmarks.md`` and its plots from ``bench/results/*.json`` (what ``make bench`` last measured).
+
+Only numbers in the result files appear in the page: re-running the benchmarks
+and then this script reproduces it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from bench.common import RESULTS_DIR  # noqa: E402
+
+
+def load(name: str, results: str) -> list[dict] | None:
+    path = os.path.join(results, f"{name}.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def bar_plot(path: str, labels: list[str], values: list[float], ylabel: str, title: str, log: bool = False) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    bars = ax.bar(labels, values, color=["#888888"] + ["#3b6ea8"] * (len(values) - 1))
+    ax.bar_label(bars, fmt="%.3g")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if log:
+        ax.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def hamming_section(rows: list[dict], img_dir: str, rel: str) -> list[str]:
+    base, hashed = rows
+    r_key = next(k for k in base if k.startswith("radius") and k.endswith("_ms_per_query"))
+    k_key = next(k for k in base if k.startswith("knn") and k.endswith("_ms_per_query"))
+    radius, knn = r_key.split("_")[0], k_key.split("_")[0]
+    plot = os.path.join(img_dir, "hamming.png")
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    for ax, key, title in ((axes[0], r_key, f"{radius} search"), (axes[1], k_key, f"{knn} search")):
+        bars = ax.bar([base["method"], hashed["method"]], [base[key], hashed[key]], color=["#888888", "#3b6ea8"])
+        ax.bar_label(bars, fmt="%.3g")
+        ax.set_ylabel("ms per query")
+        ax.set_title(title)
+    fig.suptitle(f"{base['codes']:,} {base['bits']}-bit codes, {base['queries']:,} queries")
+    fig.tight_layout()
+    fig.savefig(plot, dpi=110)
+    plt.close(fig)
+    lines = [
+        "## Hamming search (`make bench-hamming`)",
+        "",
+        f"{base['codes']:,} {base['bits']}-bit codes in clusters (as a semantic hash spreads a catalog), "
+        f"{base['queries']:,} queries; baseline `IndexBinaryFlat` in the same run. Machine: {base['machine']}, "
+        f"faiss on {base['faiss_threads']} threads, commit `{base['commit']}`. "
+        "Times are the best of 3 runs.",
+        "",
+        f"| index | build s | size MB | {radius} ms/query | speed-up | identical to flat | "
+        f"{knn} ms/query | speed-up | identical to flat |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        cells = [f"`{row['method']}`", row["build_s"], row["index_mb"]]
+        for kind in (radius, knn):
+            cells += [row[f"{kind}_ms_per_query"], f"{row[f'{kind}_speedup']}x", row[f"{kind}_identical_to_flat"]]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    answered = hashed[f"{knn}_answered_from_tables"]
+    lines += [
+        "",
+        f"![Hamming search]({rel}/hamming.png)",
+        "",
+        f"On average {base['mean_results_within_radius']} codes lie within the radius of a query. "
+        f"{answered:.1%} of the {knn} queries were answered from the hash tables; the rest had fewer than k "
+        "codes within the exact radius and were scanned.",
+        "",
+    ]
+    return lines
+
+
+def incremental_section(rows: list[dict], img_dir: str, rel: str) -> list[str]:
+    bar_plot(
+        os.path.join(img_dir, "incremental.png"),
+        [r["method"] for r in rows],
+        [r["wall_s"] for r in rows],
+        "wall s",
+        f"{rows[0]['images']:,} images, {rows[0]['protocol']}",
+    )
+    lines = [
+        "## Nightly reindex (`make bench-incremental`)",
+        "",
+        f"Machine: {rows[0]['machine']}, runner {rows[0]['runner']}, commit `{rows[0]['commit']}`. "
+        "Details and the profile: [results.md](results.md).",
+        "",
+        "| run | images | read and hashed | decoded | wall s | ratio to full |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['images']:,} | {r.get('hashed', r['images']):,} | {r['decoded']:,} | "
+            f"{r['wall_s']} | {r.get('ratio', 1)} |"
+        )
+    return [*lines, "", f"![Incremental run]({rel}/incremental.png)", ""]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", default=RESULTS_DIR)
+    p.add_argument("--out", default=os.path.join("docs", "benchmarks.md"))
+    args = p.parse_args(argv)
+    img_dir = os.path.join(os.path.dirname(args.out), "img")
+    os.makedirs(img_dir, exist_ok=True)
+    lines = [
+        "# Benchmarks",
+        "",
+        "Written by `python -m bench.report` from `bench/results/*.json`; `make bench` runs every benchmark "
+        "and then this. Each figure is a ratio against a baseline measured in the same run.",
+        "",
+    ]
+    sections = (("hamming", hamming_section), ("incremental", incremental_section))
+    for name, section in sections:
+        rows = load(name, args.results)
+        lines += section(rows, img_dir, "img") if rows else [f"## {name}", "", f"(no `{name}.json` yet)", ""]
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines))
+    print(f"wrote {args.out} and plots in {img_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
