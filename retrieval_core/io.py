@@ -299,7 +299,7 @@ def _read_gcs_stamped_once(uri: str, timeout: float) -> tuple[bytes, str]:
     bucket, name = _gcs_bucket_and_name(uri)
     with _gcs_errors(uri):
         data = bucket.blob(name, generation=generation).download_as_bytes(timeout=timeout, retry=None)
-    return data, f"gs:{generation}"
+    return data, f"{uri}#{generation}"
 
 
 RACY_NS = 2_000_000_000
@@ -314,7 +314,8 @@ def source_stamp(path: str, policy: RetryPolicy | None = None) -> str | None:
     """What identifies the current version of a file without reading it, or None where nothing does.
 
     Local files: size, mtime, ctime and inode (``file:...``), from one ``stat``. GCS objects: the object
-    generation (``gs:<generation>``), which changes on every overwrite, from one metadata request.
+    versioned URL (``gs://bucket/name#<generation>``; the generation changes on every overwrite, and two
+    objects written in the same microsecond may share one), from one metadata request.
     http(s) and other filesystems: None (their images are always re-read and hashed).
 
     Raises:
@@ -324,7 +325,7 @@ def source_stamp(path: str, policy: RetryPolicy | None = None) -> str | None:
         return _local_stamp(os.stat(local_path(path)))
     if path.startswith("gs://"):
         policy = policy or DEFAULT_RETRY
-        return f"gs:{with_retries(lambda: _gcs_generation_once(path, policy.timeout_s), path, policy)}"
+        return f"{path}#{with_retries(lambda: _gcs_generation_once(path, policy.timeout_s), path, policy)}"
     return None
 
 

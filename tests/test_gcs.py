@@ -205,6 +205,10 @@ def test_pipeline_on_gcs_with_injected_faults(gcs, tmp_path, tiny_bundle, monkey
     # Failed items have no feature row, so they are tried again (and fail again); the missing one fails to read.
     assert c["new"] == len(expect["bad"]) - 1 and c["changed"] == 0
     assert read_current(out) == "g2"
+    for path in rio.list_files(f"{out}/features/run=g2/*.parquet"):
+        table = rio.read_parquet(path, columns=["image_uri", "source_stamp"])
+        for uri, stamp in zip(*(table[c].to_pylist() for c in table.column_names), strict=True):
+            assert stamp.startswith(uri + "#") and stamp.rsplit("#", 1)[1].isdigit()  # the versioned object URL
 
     # --rehash downloads every image again; the downloads that hang are timed out and retried.
     report = run([*argv, "--run_id=g3", "--rehash"])
