@@ -121,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         "# Benchmarks",
         "",
         "Written by `python -m bench.report` from `bench/results/*.json`; `make bench` runs every benchmark "
-        "and then this. Each figure is a ratio against a baseline measured in the same run.",
+        "and then this. Each figure is a ratio against a baseline measured in the same run. The plots are "
+        "generated into `docs/img/` (git-ignored): `python -m bench.report` draws them from the committed "
+        "results in a second.",
         "",
     ]
     sections = (("hamming", hamming_section), ("incremental", incremental_section))
