@@ -19,6 +19,17 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 METRICS = ("inner_product", "l2")
 
 
+def _version(text: str) -> tuple[int, ...] | None:
+    parts = text.split(".")
+    return tuple(int(p) for p in parts) if len(parts) == 3 and all(p.isdigit() for p in parts) else None
+
+
+def _is_newer_minor(version: str) -> bool:
+    """Same major version as this code, higher minor (or patch): written by a newer release."""
+    theirs, ours = _version(version), _version(SCHEMA_VERSION)
+    return theirs is not None and theirs[0] == ours[0] and theirs > ours
+
+
 class ManifestError(ValueError):
     """The manifest is malformed, inconsistent, or does not match the files it lists."""
 
@@ -55,6 +66,9 @@ class Manifest:
     feature_files: tuple[FileEntry, ...] = ()
     dead_letter_files: tuple[FileEntry, ...] = ()
     counts: dict[str, int] = field(default_factory=dict)
+    index_selection: dict[str, Any] = field(default_factory=dict)
+    """How the vector index type was chosen: ``max_index_memory`` (bytes, null: no budget) and
+    ``estimated_bytes`` (memory of all vector shards when searched; null when faiss' type is not known)."""
     schema_version: str = SCHEMA_VERSION
 
     @property
@@ -103,7 +117,8 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Manifest:
-        """Parse and validate; unknown keys are an error so typos do not pass silently."""
+        """Parse and validate. Unknown keys are an error so typos do not pass silently, except in a manifest of a
+        newer minor version of the same major one: its additions are ignored (forward compatible)."""
         try:
             raw: dict[str, Any] = json.loads(text)
         except json.JSONDecodeError as e:
@@ -112,7 +127,12 @@ class Manifest:
             raise ManifestError("manifest must be a JSON object")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(raw) - names
-        if unknown:
+        version = str(raw.get("schema_version", SCHEMA_VERSION))
+        if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+            raise ManifestError(f"manifest schema {version} is incompatible with {SCHEMA_VERSION}")
+        if unknown and _is_newer_minor(version):
+            raw = {k: v for k, v in raw.items() if k in names}
+        elif unknown:
             raise ManifestError(f"unknown manifest keys: {sorted(unknown)}")
         try:
             for key in ("vector_shards", "hamming_shards", "id_files", "feature_files", "dead_letter_files"):

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.1.0"
+SCHEMA_VERSION = "1.2.0"
 """Semantic version of the table schemas and the manifest. Bump the major part on breaking changes.
 
 1.1.0: ``source_stamp`` (nullable) added at the end of the feature table; 1.0.0 files read as null stamps.
+1.2.0: the manifest gains ``index_selection`` (memory budget and estimated index size); tables unchanged.
 """
 
 METADATA_VERSION_KEY = b"schema_version"

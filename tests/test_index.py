@@ -16,8 +16,13 @@ from retrieval_core.eval.retrieval import hamming_distances
 from retrieval_core.index.build import (
     Block,
     bottom_k,
+    candidate_factories,
     choose_spec,
+    estimate_index_bytes,
+    fill_vector_shard,
+    parse_bytes,
     read_feature_block,
+    serialize_index,
     shard_of,
     train_vector_index,
     write_shard,
@@ -45,10 +50,13 @@ def build_generation(
     nprobe: int | None = None,
     model_id: str = "m-1",
     binary_factory: str | None = None,
+    max_index_memory: int | None = None,
 ) -> list[str]:
     """What the Beam graph does, done by hand: train on all vectors, fill shards, publish."""
     item_ids = [f"it{i:06d}" for i in range(len(emb))]
-    spec = choose_spec(len(emb), factory, nprobe, binary_factory=binary_factory)
+    spec = choose_spec(
+        len(emb), factory, nprobe, binary_factory=binary_factory, dim=emb.shape[1], max_index_memory=max_index_memory
+    )
     trained = train_vector_index(emb, emb.shape[1], spec)
     dim, bits = emb.shape[1], codes.shape[1] * 8
     everything = Block(np.array(item_ids, object), np.array(["0" * 64] * len(emb), object), emb, codes)
@@ -193,6 +201,87 @@ def test_spec_is_chosen_by_size():
     big = choose_spec(1_000_000)
     assert big.vector_factory.startswith("IVF") and big.nprobe >= 1
     assert choose_spec(10, "IVF4,Flat", 2).nprobe == 2
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("512M", 512 << 20), ("2G", 2 << 30), ("1.5GiB", 3 << 29), ("300000000", 300_000_000), ("64kb", 64 << 10)],
+)
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "lots", "12Q", "-5M", "0"])
+def test_parse_bytes_refuses_what_is_not_a_size(text):
+    with pytest.raises(ValueError):
+        parse_bytes(text)
+
+
+def test_memory_estimates_match_the_serialised_indices():
+    """Oracle: the size of each candidate index actually built (codes, ids, centroids, codebooks)."""
+    n, dim = 10000, 16
+    emb = clustered(n, dim, 3, clusters=100)
+    for factory in [*candidate_factories(n, dim), "HNSW16,Flat"]:
+        spec = choose_spec(n, factory, dim=dim)
+        built = len(serialize_index(fill_vector_shard(train_vector_index(emb, dim, spec), emb)))
+        assert spec.estimated_bytes == estimate_index_bytes(factory, n, dim)
+        assert abs(spec.estimated_bytes - built) / built < 0.05, (factory, spec.estimated_bytes, built)
+
+
+def test_memory_budget_picks_the_most_accurate_index_that_fits():
+    n, dim = 1_000_000, 128
+    exact, refined, pq, small = candidate_factories(n, dim)[:4]
+    assert (exact, refined, pq, small) == ("IVF4096,Flat", "IVF4096,PQ32,Refine(SQ8)", "IVF4096,PQ32", "IVF4096,PQ16")
+    sizes = [estimate_index_bytes(f, n, dim) for f in (exact, refined, pq, small)]
+    assert sizes == sorted(sizes, reverse=True)
+    for budget, factory in [
+        (None, exact),
+        (sizes[0], exact),
+        (sizes[0] - 1, refined),
+        (sizes[2], pq),
+        (sizes[3], small),
+    ]:
+        spec = choose_spec(n, dim=dim, max_index_memory=budget)
+        assert spec.vector_factory == factory and spec.estimated_bytes <= (budget or sizes[0])
+        assert spec.selection() == {"max_index_memory": budget, "estimated_bytes": spec.estimated_bytes}
+    with pytest.raises(ValueError, match="no index of 1000000 x 128 vectors fits.*IVF4096,PQ16"):
+        choose_spec(n, dim=dim, max_index_memory=sizes[3] - 1)
+    # Few vectors: exact flat while it fits; PQ is no candidate below PQ_MIN_ROWS, so a tiny budget is refused.
+    assert choose_spec(500, dim=dim, max_index_memory=1 << 20).vector_factory == "Flat"
+    with pytest.raises(ValueError, match="no index"):
+        choose_spec(500, dim=dim, max_index_memory=1000)
+
+
+def test_compressed_generation_chosen_by_budget_searches_well(tmp_path):
+    """A budget below the exact index gives IVF-PQ re-ranked by SQ8: recall vs brute force, filters, nprobe."""
+    n, dim = 20000, 32
+    everything = clustered(n + 100, dim, 5, clusters=200)
+    emb, queries = everything[:n], everything[n:]
+    root = str(tmp_path / "pq")
+    budget = estimate_index_bytes(candidate_factories(n, dim)[0], n, dim) // 2
+    item_ids = build_generation(root, emb, pack_codes(emb[:, :16]), num_shards=2, max_index_memory=budget)
+    searcher = Searcher.open(root)
+    m = searcher.manifest
+    assert m.vector_factory.endswith("Refine(SQ8)") and m.index_selection["max_index_memory"] == budget
+    assert all(isinstance(s, faiss.IndexRefine) for s in searcher.vector_shards)
+    assert all(faiss.extract_index_ivf(s).nprobe == m.nprobe for s in searcher.vector_shards)
+    exact = faiss.IndexFlatIP(dim)
+    exact.add(emb)
+    _, truth = exact.search(queries, 10)
+    got = searcher.search_vectors(queries, 10, nprobe=64).item_ids
+    assert np.mean([len(set(g) & {item_ids[j] for j in t}) / 10 for g, t in zip(got, truth)]) >= 0.9
+    # A filter goes into the base index's parameters: only allowed ids, and the best allowed ones.
+    allowed_rows = np.arange(0, n, 5)
+    allowed = np.array([searcher.faiss_id(item_ids[j]) for j in allowed_rows])
+    filtered = searcher.search_vectors(queries, 10, nprobe=64, allowed_ids=allowed)
+    assert set(filtered.ids.ravel().tolist()) <= set(allowed.tolist())
+    sub = faiss.IndexFlatIP(dim)
+    sub.add(emb[allowed_rows])
+    _, sub_truth = sub.search(queries, 10)
+    recall = np.mean(
+        [len(set(g) & {item_ids[allowed_rows[j]] for j in t}) / 10 for g, t in zip(filtered.item_ids, sub_truth)]
+    )
+    assert recall >= 0.9, recall
 
 
 def test_model_mismatch_is_refused(binary_generation):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -140,3 +141,17 @@ def test_manifest_from_bad_json():
         Manifest.from_json("{")
     with pytest.raises(ManifestError, match="unknown manifest keys"):
         Manifest.from_json(make_manifest().to_json().replace('"nprobe"', '"nprobes"'))
+
+
+def test_manifest_of_a_newer_minor_version_is_read_without_its_additions():
+    major, minor, _ = SCHEMA_VERSION.split(".")
+    raw = json.loads(make_manifest(index_selection={"max_index_memory": 1024, "estimated_bytes": 640}).to_json())
+    newer = {**raw, "schema_version": f"{major}.{int(minor) + 1}.0", "added_later": {"x": 1}}
+    back = Manifest.from_json(json.dumps(newer))
+    assert back.index_selection == {"max_index_memory": 1024, "estimated_bytes": 640}
+    assert back.vector_shards == make_manifest().vector_shards
+    for version in (SCHEMA_VERSION, f"{major}.0.0"):  # written by this release or an older one: a typo
+        with pytest.raises(ManifestError, match="unknown manifest keys"):
+            Manifest.from_json(json.dumps({**raw, "schema_version": version, "added_later": 1}))
+    with pytest.raises(ManifestError, match="incompatible"):
+        Manifest.from_json(json.dumps({**raw, "schema_version": f"{int(major) + 1}.0.0", "added_later": 1}))

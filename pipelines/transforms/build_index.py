@@ -87,9 +87,10 @@ def _train(
     factory: str | None,
     nprobe: int | None,
     binary_factory: str | None,
+    max_index_memory: int | None,
 ):
     count, vectors = sample
-    spec = choose_spec(count, factory, nprobe, hash_bits, binary_factory)
+    spec = choose_spec(count, factory, nprobe, hash_bits, binary_factory, dim=dim, max_index_memory=max_index_memory)
     return spec, train_vector_index(vectors, dim, spec)
 
 
@@ -134,8 +135,10 @@ class BuildIndex(beam.PTransform):
         num_shards: number of shards of each index.
         dim, hash_bits: embedding size and code length.
         factory, nprobe, binary_factory: force a faiss factory string / nprobe / binary factory string;
-            default chosen from the row count.
+            default chosen from the row count (``choose_spec``).
         train_sample_size: vectors sampled to train the quantiser.
+        max_index_memory: bytes the vector shards may take in memory together; picks a compressed index
+            type when an exact one would not fit (``choose_spec``). None: no budget.
     """
 
     def __init__(
@@ -150,12 +153,14 @@ class BuildIndex(beam.PTransform):
         nprobe: int | None = None,
         train_sample_size: int = 65536,
         binary_factory: str | None = None,
+        max_index_memory: int | None = None,
     ) -> None:
         super().__init__()
         self.generation_dir, self.generation_rel = generation_dir, generation_rel
         self.num_shards, self.dim, self.hash_bits = num_shards, dim, hash_bits
         self.factory, self.nprobe, self.train_sample_size = (factory, nprobe, train_sample_size)
         self.binary_factory = binary_factory
+        self.max_index_memory = max_index_memory
 
     def expand(self, feature_files):
         n, dim, bits = self.num_shards, self.dim, self.hash_bits
@@ -174,6 +179,7 @@ class BuildIndex(beam.PTransform):
                 factory=self.factory,
                 nprobe=self.nprobe,
                 binary_factory=self.binary_factory,
+                max_index_memory=self.max_index_memory,
             )
         )
         # Every shard exists even when no item hashes to it, so the manifest always lists num_shards shards.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -28,6 +29,13 @@ from schemas import IDS_SCHEMA
 FLAT_MAX_ROWS = 50_000
 """Below this many vectors an exact flat index is both fastest to build and exact."""
 
+PQ_MIN_ROWS = 256 * 39
+"""Product quantisation is a candidate only from this many vectors on: faiss wants 39 training points for each of
+the 256 centroids of every sub-quantiser."""
+
+REFINE_K_FACTOR = 4
+"""A ``Refine`` index re-ranks ``k * REFINE_K_FACTOR`` candidates of its compressed base index with finer codes."""
+
 METRIC_TYPES = {"inner_product": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 
 
@@ -39,6 +47,12 @@ class IndexSpec:
     binary_factory: str
     nprobe: int
     metric: str = "inner_product"
+    estimated_bytes: int | None = None
+    max_index_memory: int | None = None
+
+    def selection(self) -> dict:
+        """What the manifest records about the choice: the memory budget and the estimated size of all shards."""
+        return {"max_index_memory": self.max_index_memory, "estimated_bytes": self.estimated_bytes}
 
 
 INDEX_COLUMNS = ("item_id", "content_sha256", "embedding", "hash_code")
@@ -151,31 +165,131 @@ def bottom_k(keys: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray,
     return keys[order], vectors[order]
 
 
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_bytes(text: str | int) -> int:
+    """``"512M"``, ``"2G"``, ``"1.5GiB"``, ``"300000000"`` -> bytes (binary units; ``B``/``iB`` suffixes optional)."""
+    if isinstance(text, int):
+        value = text
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
+        if not m:
+            raise ValueError(f"{text!r} is not a size (use e.g. 512M, 2G, 1.5GiB or a number of bytes)")
+        value = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if value <= 0:
+        raise ValueError(f"a memory size must be positive, got {text!r}")
+    return value
+
+
+_PQ_TYPES = (faiss.IndexIVFPQ, faiss.IndexPQ)
+
+
+def memory_per_vector(index: faiss.Index) -> tuple[float, int] | None:
+    """``(bytes per vector, fixed bytes)`` a faiss index holds in memory when searched; None for a type it does
+    not know. IVF: code plus 8-byte id per vector, the coarse centroids fixed; HNSW: storage plus the level-0
+    links (2M int32) and about 5% for the upper levels; Refine: base plus refinement codes."""
+    index = faiss.downcast_index(index)  # a view: the caller's reference keeps the index alive
+    if isinstance(index, faiss.IndexRefine):
+        base, refine = memory_per_vector(index.base_index), memory_per_vector(index.refine_index)
+        return None if base is None or refine is None else (base[0] + refine[0], base[1] + refine[1])
+    if isinstance(index, faiss.IndexPreTransform):
+        inner = memory_per_vector(index.index)
+        return None if inner is None else (inner[0], inner[1] + 4 * index.d * index.d * index.chain.size())
+    codebooks = 4 * index.pq.M * index.pq.ksub * index.pq.dsub if isinstance(index, _PQ_TYPES) else 0
+    if isinstance(index, faiss.IndexIVF):
+        quantizer = memory_per_vector(index.quantizer)
+        fixed = quantizer[1] + int(quantizer[0] * index.nlist) + codebooks if quantizer else 0
+        return None if quantizer is None else (index.code_size + 8, fixed)
+    if isinstance(index, faiss.IndexHNSW):
+        storage = memory_per_vector(index.storage)
+        links = 4 * index.hnsw.nb_neighbors(0) * 1.05 + 12
+        return None if storage is None else (storage[0] + links, storage[1])
+    if isinstance(index, faiss.IndexFlatCodes):
+        return float(index.code_size), codebooks
+    return None
+
+
+def estimate_index_bytes(factory: str, n: int, dim: int, metric: str = "inner_product") -> int | None:
+    """Memory of ``n`` vectors in the index ``factory`` builds (all shards together), or None if unknown."""
+    index = faiss.index_factory(dim, factory, METRIC_TYPES[metric])
+    per = memory_per_vector(index)
+    return None if per is None else int(per[0] * n + per[1])
+
+
+def _pq_subquantisers(dim: int) -> int:
+    """Sub-quantisers for PQ: 4 dimensions each (the largest divisor of ``dim`` up to dim/4)."""
+    return max(m for m in range(1, max(dim // 4, 1) + 1) if dim % m == 0)
+
+
+def candidate_factories(n_total: int, dim: int) -> list[str]:
+    """Vector index types for ``n_total`` vectors, most accurate first (each smaller in memory than the last).
+
+    Flat (exact) up to ``FLAT_MAX_ROWS``; ``IVF<nlist>,Flat`` (exact vectors, approximate only in the lists
+    probed) with nlist ~ 4 sqrt(n) rounded to a power of two; from ``PQ_MIN_ROWS`` on, IVF-PQ with
+    dim/4 sub-quantisers re-ranked by 8-bit scalar-quantised vectors (``Refine(SQ8)``), then IVF-PQ alone
+    at dim/4 and dim/8 bytes per vector.
+    """
+    nlist = min(max(2 ** round(math.log2(4 * math.sqrt(max(n_total, 1)))), 16), 65536)
+    out = ["Flat"] if n_total <= FLAT_MAX_ROWS else []
+    out.append(f"IVF{nlist},Flat")
+    if n_total >= PQ_MIN_ROWS:
+        m = _pq_subquantisers(dim)
+        out += [f"IVF{nlist},PQ{m},Refine(SQ8)", f"IVF{nlist},PQ{m}"]
+        if m % 2 == 0:
+            out.append(f"IVF{nlist},PQ{m // 2}")
+    return out
+
+
 def choose_spec(
     n_total: int,
     factory: str | None = None,
     nprobe: int | None = None,
     hash_bits: int | None = None,
     binary_factory: str | None = None,
+    *,
+    dim: int | None = None,
+    max_index_memory: int | None = None,
 ) -> IndexSpec:
-    """Pick the index types from the number of vectors, unless ``factory`` / ``binary_factory`` force them.
+    """Pick the index types from the number of vectors and a memory budget, unless ``factory`` /
+    ``binary_factory`` force them.
 
-    Vectors: Flat (exact) up to ``FLAT_MAX_ROWS``; above that ``IVF<nlist>,Flat`` with
-    nlist ~ 4 sqrt(n) rounded to a power of two, probing 1/16 of the lists.
-    Codes: ``hamming.choose_binary_factory`` (multi-index hashing for large generations; both exact).
+    Vectors: the first of ``candidate_factories`` whose estimated memory (``estimate_index_bytes``, all
+    shards) fits in ``max_index_memory`` (no budget: the first, Flat or IVF-Flat). IVF probes 1/16 of its
+    lists by default. Codes: ``hamming.choose_binary_factory`` (multi-index hashing for large generations;
+    both exact). ``dim`` is needed to estimate memory; without it nothing is estimated.
+
+    Raises:
+        ValueError: no candidate fits in the budget.
     """
+    if max_index_memory is not None and dim is None:
+        raise ValueError("choose_spec: a memory budget needs the vector dimension")
+    estimate = (lambda f: estimate_index_bytes(f, n_total, dim)) if dim else (lambda f: None)
     if factory is None:
-        if n_total <= FLAT_MAX_ROWS:
-            factory = "Flat"
-        else:
-            nlist = 2 ** round(math.log2(4 * math.sqrt(n_total)))
-            factory = f"IVF{min(max(nlist, 16), 65536)},Flat"
+        candidates = candidate_factories(n_total, dim or 4)
+        factory = candidates[0]
+        if max_index_memory is not None:
+            sizes = {f: estimate(f) for f in candidates}
+            fitting = [f for f in candidates if sizes[f] <= max_index_memory]
+            if not fitting:
+                smallest = min(candidates, key=sizes.get)
+                raise ValueError(
+                    f"max_index_memory {max_index_memory} bytes: no index of {n_total} x {dim} vectors fits; "
+                    f"the smallest, {smallest}, needs about {sizes[smallest]} bytes"
+                )
+            factory = fitting[0]
     nlist = _nlist(factory)
     if nprobe is None:
         nprobe = max(1, nlist // 16) if nlist else 1
     if binary_factory is None:
         binary_factory = choose_binary_factory(n_total, hash_bits) if hash_bits else "BFlat"
-    return IndexSpec(vector_factory=factory, binary_factory=binary_factory, nprobe=nprobe)
+    return IndexSpec(
+        vector_factory=factory,
+        binary_factory=binary_factory,
+        nprobe=nprobe,
+        estimated_bytes=estimate(factory),
+        max_index_memory=max_index_memory,
+    )
 
 
 def _nlist(factory: str) -> int:
@@ -192,6 +306,8 @@ def train_vector_index(sample: np.ndarray, dim: int, spec: IndexSpec) -> bytes:
         if len(sample) < max(nlist, 1):
             raise ValueError(f"{spec.vector_factory} needs at least {nlist} training vectors, got {len(sample)}")
         index.train(sample)
+    if isinstance(index, faiss.IndexRefine):
+        index.k_factor = REFINE_K_FACTOR
     return serialize_index(index)
 
 
@@ -200,8 +316,9 @@ def fill_vector_shard(trained: bytes, vectors: np.ndarray, nprobe: int = 1) -> f
     index = faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))
     if len(vectors):
         index.add(np.ascontiguousarray(vectors, dtype=np.float32))
-    if hasattr(index, "nprobe"):
-        index.nprobe = nprobe
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.nprobe = nprobe
     return index
 
 

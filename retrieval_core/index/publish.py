@@ -146,6 +146,7 @@ def build_manifest(
         vector_factory=spec.vector_factory,
         binary_factory=spec.binary_factory,
         nprobe=spec.nprobe,
+        index_selection=spec.selection(),
         vector_shards=tuple(vec),
         hamming_shards=tuple(ham),
         id_files=tuple(ids),

@@ -120,8 +120,9 @@ class Searcher:
         vec = [_read_index(rio.join(root, s.path), False, mmap) for s in manifest.vector_shards]
         ham = [_read_index(rio.join(root, s.path), True, mmap) for s in manifest.hamming_shards]
         for shard, entry in zip(vec, manifest.vector_shards):
-            if hasattr(shard, "nprobe"):
-                faiss.extract_index_ivf(shard).nprobe = manifest.nprobe
+            ivf = faiss.try_extract_index_ivf(shard)
+            if ivf is not None:
+                ivf.nprobe = manifest.nprobe
             if shard.ntotal != entry.rows or shard.d != manifest.embedding_dim:
                 raise ValueError(
                     f"{entry.path}: holds {shard.ntotal}x{shard.d}, manifest says {entry.rows}x{manifest.embedding_dim}"
@@ -276,9 +277,9 @@ class Searcher:
             local = np.asarray(allowed, np.int64) - offset
             local = local[(local >= 0) & (local < shard.ntotal)]
             sel = faiss.IDSelectorBatch(np.ascontiguousarray(local))
-        ivf = isinstance(shard, faiss.Index) and faiss.try_extract_index_ivf(shard) is not None
-        if ivf and (nprobe is not None or sel is not None):
-            params = faiss.SearchParametersIVF(nprobe=nprobe or faiss.extract_index_ivf(shard).nprobe)
+        ivf = faiss.try_extract_index_ivf(shard) if isinstance(shard, faiss.Index) else None
+        if ivf is not None and (nprobe is not None or sel is not None):
+            params = faiss.SearchParametersIVF(nprobe=nprobe or ivf.nprobe)
         elif sel is not None:
             params = faiss.SearchParameters()
         else:
@@ -286,6 +287,10 @@ class Searcher:
         if sel is not None:
             params.sel = sel
             params._keep_sel = sel  # the SWIG wrapper does not keep the selector alive on its own
+        if isinstance(shard, faiss.IndexRefine):  # its parameters wrap those of the base index
+            outer = faiss.IndexRefineSearchParameters(k_factor=shard.k_factor, base_index_params=params)
+            outer._keep_base = params
+            return outer
         return params
 
 
