@@ -37,10 +37,12 @@ from pipelines.transforms.write import WriteTable, table_prefix
 from retrieval_core import io as rio
 from retrieval_core.bundle import BundleConfig, verify_bundle
 from retrieval_core.encoder import resolve_device
+from retrieval_core.index.build import METRIC_TYPES, parse_bytes
 from retrieval_core.index.publish import CURRENT_FILE, MANIFEST_FILE, load_manifest, read_current
 from schemas import DEAD_LETTER_SCHEMA, feature_schema
 
 log = logging.getLogger("index_catalog")
+METRIC = METRIC_TYPES["inner_product"]  # what BuildIndex builds with
 
 LOCAL_RUNNERS = (
     "DirectRunner",
@@ -74,6 +76,12 @@ class IndexOptions(PipelineOptions):
             help="force a faiss binary factory string, e.g. BFlat or BHash3x21 (default: chosen from the size)",
         )
         parser.add_argument("--nprobe", type=int, default=None, help="IVF lists probed at query time")
+        parser.add_argument(
+            "--max_index_memory",
+            default=None,
+            help="memory budget of the vector shards together, e.g. 2G or 512M: above it a compressed index "
+            "(IVF-PQ with SQ8 re-ranking, then IVF-PQ) is chosen automatically (default: no budget)",
+        )
         parser.add_argument("--train_sample_size", type=int, default=65536, help="vectors sampled to train the index")
         parser.add_argument(
             "--feature_shards", type=int, default=0, help="Parquet files per run (0: let the runner decide)"
@@ -116,6 +124,7 @@ class IndexConfig:
     keep_generations: int = 3
     max_error_rate: float = 1.0
     binary_factory: str | None = None
+    max_index_memory: int | None = None
 
     @classmethod
     def from_options(cls, options: PipelineOptions) -> IndexConfig:
@@ -136,6 +145,10 @@ class IndexConfig:
             raise ValueError(f"--keep_generations must be >= 1, got {o.keep_generations}")
         if not 0.0 <= o.max_error_rate <= 1.0:
             raise ValueError(f"--max_error_rate must be in [0, 1], got {o.max_error_rate}")
+        try:
+            max_index_memory = None if o.max_index_memory is None else parse_bytes(o.max_index_memory)
+        except ValueError as e:
+            raise ValueError(f"--max_index_memory: {e}") from e
         return cls(
             catalog=o.catalog,
             output=o.output.rstrip("/"),
@@ -153,6 +166,7 @@ class IndexConfig:
             rehash=o.rehash,
             keep_generations=o.keep_generations,
             max_error_rate=o.max_error_rate,
+            max_index_memory=max_index_memory,
         )
 
     @property
@@ -244,6 +258,7 @@ def build_pipeline(
         nprobe=config.nprobe,
         train_sample_size=config.train_sample_size,
         binary_factory=config.binary_factory,
+        max_index_memory=config.max_index_memory,
     )
     _ = (shards, spec, feature_files, dead_files) | "Publish" >> Publish(
         max_error_rate=config.max_error_rate,
@@ -258,10 +273,19 @@ def build_pipeline(
     )
 
 
-def _timings(result) -> dict[str, dict]:
+def _query_metrics(result) -> dict[str, list]:
+    """The runner's metrics; empty (with a warning) on a runner that does not collect them (e.g. Dask)."""
+    try:
+        return result.metrics().query()
+    except NotImplementedError as e:
+        log.warning("this runner reports no metrics (%s): counts come from the manifest only", e)
+        return {"counters": [], "distributions": [], "gauges": []}
+
+
+def _timings(metrics: dict[str, list]) -> dict[str, dict]:
     """Distribution metrics in microseconds (``*_us``) -> count, total seconds and mean milliseconds per stage."""
     out = {}
-    for d in result.metrics().query()["distributions"]:
+    for d in metrics["distributions"]:
         name = d.key.metric.name
         # Ours end in _us; Beam's RunInference reports *_latency_micro_secs and *_latency_milli_secs.
         scale = {"_us": 1, "_micro_secs": 1, "_milli_secs": 1000}.get(
@@ -284,9 +308,9 @@ def _timings(result) -> dict[str, dict]:
     }
 
 
-def _counters(result) -> dict[str, int]:
+def _counters(metrics: dict[str, list]) -> dict[str, int]:
     out = {}
-    for c in result.metrics().query()["counters"]:
+    for c in metrics["counters"]:
         key = f"{c.key.metric.namespace}.{c.key.metric.name}"
         out[key] = out.get(key, 0) + int(c.committed if c.committed is not None else c.attempted)
     return dict(sorted(out.items()))
@@ -295,7 +319,7 @@ def _counters(result) -> dict[str, int]:
 def check_factories(config: IndexConfig, bundle: BundleConfig) -> None:
     """Refuse a forced faiss factory string faiss cannot build, before any work (ValueError)."""
     for flag, value, make in (
-        ("--index_factory", config.index_factory, lambda f: faiss.index_factory(bundle.embedding_dim, f)),
+        ("--index_factory", config.index_factory, lambda f: faiss.index_factory(bundle.embedding_dim, f, METRIC)),
         ("--binary_factory", config.binary_factory, lambda f: faiss.index_binary_factory(bundle.hash_bits, f)),
     ):
         if value is not None:
@@ -339,7 +363,8 @@ def run(argv: list[str] | None = None) -> dict:
         published = (
             rio.exists(rio.join(config.output, CURRENT_FILE)) and read_current(config.output) == config.generation
         )
-        counters = _counters(p.result)
+        metrics = _query_metrics(p.result)
+        counters = _counters(metrics)
         counts = {
             "catalog_rows": counters.get("read_catalog.rows", 0),
             **{
@@ -362,10 +387,18 @@ def run(argv: list[str] | None = None) -> dict:
             "current": rio.join(config.output, CURRENT_FILE),
             "counts": counts,
             "index": {
-                k: manifest[k] for k in ("vector_factory", "binary_factory", "nprobe", "embedding_dim", "hash_bits")
+                k: manifest[k]
+                for k in (
+                    "vector_factory",
+                    "binary_factory",
+                    "nprobe",
+                    "embedding_dim",
+                    "hash_bits",
+                    "index_selection",
+                )
             },
             "counters": counters,
-            "timings": _timings(p.result),
+            "timings": _timings(metrics),
             "wall_s": round(time.time() - started, 3),
         }
         if published:

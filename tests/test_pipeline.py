@@ -188,3 +188,33 @@ def test_inference_failure_becomes_dead_letters(tmp_path, tiny_bundle, monkeypat
     assert {(r["stage"], r["error_type"]) for r in dead} == {("inference", "RuntimeError")}
     assert report["counts"]["indexed"] == 0
     assert Searcher.open(out).search_vectors(np.zeros((1, 16), np.float32), k=3).item_ids == [[None] * 3]
+
+
+def test_memory_budget_is_recorded_and_one_nothing_fits_is_refused(tmp_path, tiny_bundle):
+    catalog, expect = write_catalog(str(tmp_path / "c"), 6, broken=False, duplicate=False)
+    out = str(tmp_path / "out")
+    report = _run(catalog, out, tiny_bundle[0], "--max_index_memory=1K")
+    flat_bytes = 6 * 16 * 4  # six 16-d float32 vectors, exact
+    assert report["index"]["index_selection"] == {"max_index_memory": 1024, "estimated_bytes": flat_bytes}
+    searcher = Searcher.open(out)
+    assert searcher.manifest.index_selection == report["index"]["index_selection"]
+    assert searcher.manifest.vector_factory == "Flat"
+    with pytest.raises(ValueError, match="--max_index_memory: 'lots' is not a size"):
+        _run(catalog, str(tmp_path / "bad"), tiny_bundle[0], "--max_index_memory=lots")
+    assert not os.path.exists(tmp_path / "bad")
+    # Below what the smallest index needs: the run fails and publishes nothing.
+    with pytest.raises(ValueError, match="no index of 6 x 16 vectors fits"):
+        _run(catalog, str(tmp_path / "small"), tiny_bundle[0], "--max_index_memory=100")
+    assert not os.path.exists(tmp_path / "small" / "CURRENT")
+
+
+def test_a_runner_without_metrics_still_gets_a_report():
+    """Beam's DaskRunner raises NotImplementedError from metrics(): the report then has empty counters."""
+    from pipelines.index_catalog import _counters, _query_metrics, _timings
+
+    class NoMetrics:
+        def metrics(self):
+            raise NotImplementedError("collecting metrics will come later!")
+
+    metrics = _query_metrics(NoMetrics())
+    assert _counters(metrics) == {} and _timings(metrics) == {}
