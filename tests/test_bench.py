@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from bench import hamming, report
+from bench import hamming, index_build, report
 
 
 def test_hamming_bench_and_report(tmp_path):
@@ -22,3 +22,27 @@ def test_hamming_bench_and_report(tmp_path):
     text = page.read_text()
     assert "| `BHash3x21` |" in text and "(no `incremental.json` yet)" in text
     assert (tmp_path / "docs" / "img" / "hamming.png").stat().st_size > 1000
+
+
+def test_index_build_bench_and_report(tmp_path):
+    """BuildIndex vs plain faiss at a tiny size: the budget picks IVF-PQ with SQ8 re-ranking for both, the
+    generation publishes, recall is measured against exact search, and the load rows come back."""
+    results = tmp_path / "results"
+    argv = ["--n", "10000", "--dim", "16", "--queries", "40", "--shards", "2", "--train_sample", "10000"]
+    argv += ["--max_index_memory", "360K", "--verify", "1", "--work", str(tmp_path / "work")]
+    argv += ["--out", str(results / "index_build.json"), "--serving_out", str(results / "serving.json")]
+    assert index_build.main(argv) == 0
+    plain, beam = json.loads((results / "index_build.json").read_text())
+    assert plain["factory"] == beam["factory"] == "IVF512,PQ4,Refine(SQ8)"
+    assert beam["vectors"] == 10000 and beam["shards"] == 2 and beam["build_time_ratio"] > 0
+    assert beam["estimated_bytes"] <= 360 * 1024
+    for row in (plain, beam):
+        recalls = [c["recall_at_10"] for c in row["curve"]]
+        assert [c["nprobe"] for c in row["curve"]] == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+        assert all(0 <= r <= 1 for r in recalls) and recalls[-1] >= 0.8  # half the lists: mostly PQ error
+    serving = json.loads((results / "serving.json").read_text())
+    assert [(r["method"], r["verify"]) for r in serving] == [("mmap", True), ("read", True)]
+    assert all(r["first_query_s"] > 0 for r in serving)
+    page = tmp_path / "benchmarks.md"
+    assert report.main(["--results", str(results), "--out", str(page)]) == 0
+    assert "IVF512,PQ4,Refine(SQ8)" in page.read_text() and (tmp_path / "img" / "index_build.png").exists()
