@@ -357,3 +357,25 @@ def test_bottom_k_sample_does_not_depend_on_split_or_order():
     merged_keys, merged = bottom_k(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), 100)
     np.testing.assert_array_equal(merged_keys, whole_keys)
     np.testing.assert_array_equal(merged, whole)
+
+
+def test_cli_radius_lists_every_code_within_it(binary_generation, capsys, tmp_path):
+    """Oracle: numpy popcount over all codes; sorted by distance, then item id."""
+    import json
+
+    root, _, codes, item_ids = binary_generation
+    np.save(tmp_path / "c.npy", codes[:3])
+    argv = ["--index", root, "--vector", str(tmp_path / "c.npy"), "--radius", "2", "--json", "--no-verify"]
+    assert search_cli(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["metric"] == "hamming"
+    dist = hamming_distances(codes[:3], codes)
+    for q, result in enumerate(out["results"]):
+        within = np.flatnonzero(dist[q] <= 2)
+        order = within[np.lexsort((within, dist[q][within]))]
+        assert [n["item_id"] for n in result["neighbours"]] == [item_ids[j] for j in order]
+        assert [n["score"] for n in result["neighbours"]] == dist[q][order].tolist()
+    assert search_cli(argv[:4] + ["--radius", "0"]) == 0
+    exact_matches = int((dist[0] == 0).sum())
+    assert f"query {tmp_path / 'c.npy'}[0]  (hamming, {exact_matches} results)" in capsys.readouterr().out
+    assert search_cli(argv[:4] + ["--radius", "-1"]) == 2

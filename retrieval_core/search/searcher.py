@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from retrieval_core import io as rio
-from retrieval_core.encoder import Encoder
+from retrieval_core.encoder import EncodedBatch, Encoder
 from retrieval_core.index import hamming
 from retrieval_core.index.publish import load_manifest, verify_files
 from retrieval_core.preprocess import load_image_file
@@ -203,12 +203,16 @@ class Searcher:
         emb, codes = self.features_of(item_ids)
         return self.search_vectors(emb, k) if mode == "vector" else self.search_codes(codes, k)
 
-    def search_images(self, paths: list[str], k: int = 10, *, mode: str = "vector") -> SearchResult:
-        """k-NN of image files, encoded with the bundle (which must be the index's model)."""
+    def encode_images(self, paths: list[str]) -> EncodedBatch:
+        """Embeddings and codes of image files, with the bundle (which must be the index's model)."""
         if self.encoder is None:
             raise ValueError("image queries need the model bundle: Searcher.open(root, bundle=...)")
         prep = self.encoder.config.preprocessing
-        batch = self.encoder.encode([load_image_file(p, prep).pixels for p in paths])
+        return self.encoder.encode([load_image_file(p, prep).pixels for p in paths])
+
+    def search_images(self, paths: list[str], k: int = 10, *, mode: str = "vector") -> SearchResult:
+        """k-NN of image files, encoded with the bundle (which must be the index's model)."""
+        batch = self.encode_images(paths)
         return self.search_vectors(batch.embeddings, k) if mode == "vector" else self.search_codes(batch.codes, k)
 
     # -- merging --------------------------------------------------------------------------------------------
