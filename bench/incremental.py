@@ -76,9 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fraction", type=float, default=0.01, help="share of rows that change on day two")
     p.add_argument("--quick", action="store_true", help="1,000 images (CI smoke size)")
     p.add_argument("--out", default=None, help="default: bench/results/incremental.json")
+    p.add_argument("--bundle", default=None, help="model bundle (default: <artifacts>/bundles/baseline)")
     args = p.parse_args(argv)
     n_images = 1000 if args.quick else args.images
-    bundle = os.path.join(args.artifacts, "bundles", "baseline")
+    bundle = args.bundle or os.path.join(args.artifacts, "bundles", "baseline")
     if not os.path.exists(os.path.join(bundle, CONFIG_FILE)):
         raise SystemExit(f"no bundle at {bundle}: run `make index` (or `make train-baseline`) first")
     ppc = max(1, round(n_images / 8 / 3))
