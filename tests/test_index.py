@@ -379,3 +379,12 @@ def test_cli_radius_lists_every_code_within_it(binary_generation, capsys, tmp_pa
     exact_matches = int((dist[0] == 0).sum())
     assert f"query {tmp_path / 'c.npy'}[0]  (hamming, {exact_matches} results)" in capsys.readouterr().out
     assert search_cli(argv[:4] + ["--radius", "-1"]) == 2
+
+
+def test_mmap_open_maps_the_codes_instead_of_copying_them(binary_generation):
+    root, emb, *_ = binary_generation
+    mapped, read = Searcher.open(root, mmap=True), Searcher.open(root, mmap=False)
+    assert not any(faiss.downcast_index(s).codes.is_owned for s in mapped.vector_shards)  # views of the file
+    assert all(faiss.downcast_index(s).codes.is_owned for s in read.vector_shards)
+    a, b = mapped.search_vectors(emb[:20], 5), read.search_vectors(emb[:20], 5)
+    assert a.item_ids == b.item_ids and np.array_equal(a.scores, b.scores)

@@ -49,8 +49,14 @@ class SearchResult:
         ]
 
 
+MMAP_FLAGS = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
+"""faiss maps the whole file and its codes (flat, IVF lists, refinement) point into the mapping: they stay page
+cache, shared between processes and evictable, instead of private memory (``IO_FLAG_MMAP`` maps only IVF lists).
+Multi-hash binary indices still build their hash tables in memory."""
+
+
 def _read_index(path: str, binary: bool, mmap: bool):
-    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap and rio.is_local(path) else 0
+    flags = MMAP_FLAGS if mmap and rio.is_local(path) else 0
     if rio.is_local(path):
         path = rio.local_path(path)
         return faiss.read_index_binary(path, flags) if binary else faiss.read_index(path, flags)
@@ -129,7 +135,7 @@ class Searcher:
                 )
         tables = []
         for entry in manifest.id_files:
-            table = rio.read_parquet(rio.join(root, entry.path))
+            table = rio.read_parquet(rio.join(root, entry.path), columns=["item_id"])
             check_schema_version(table.schema.metadata, what=entry.path)
             tables.append(table.column("item_id").combine_chunks())
         item_ids = pa.concat_arrays(tables) if tables else pa.array([], pa.string())
