@@ -40,13 +40,25 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bench.common import commit, machine, write_rows
+from bench.common import RESULTS_DIR, commit, machine, write_rows
 from retrieval_core.index.build import choose_spec, parse_bytes
 
 ROWS_PER_FILE = 50_000
 LATENT, COMPONENTS = 32, 1000
 BITS = 64
 NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+COMMON_KEYS = (
+    "dataset",
+    "vectors",
+    "dim",
+    "queries",
+    "factory",
+    "binary_factory",
+    "max_index_memory",
+    "estimated_bytes",
+    "train_sample",
+    "faiss_threads",
+)
 LOCAL_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
 
 
@@ -295,6 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=os.path.join("artifacts", "bench", "index_build"))
     p.add_argument("--out", default=None, help="default: bench/results/index_build.json")
     p.add_argument("--serving_out", default=None, help="default: bench/results/serving.json")
+    p.add_argument(
+        "--serving_only",
+        action="store_true",
+        help="only re-measure loading the generation the last run left in --work (after a Searcher change)",
+    )
     p.add_argument("--child", choices=("beam", "faiss", "serve"), help=argparse.SUPPRESS)
     p.add_argument("--features", help=argparse.SUPPRESS)
     p.add_argument("--output", help=argparse.SUPPRESS)
@@ -305,6 +322,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         result = {"beam": build_beam, "faiss": build_faiss, "serve": serve}[args.child](args)
         print(json.dumps(result))
+        return 0
+    if args.serving_only:
+        args.features, args.output = os.path.join(args.work, "features"), os.path.join(args.work, "output")
+        with open(args.out or os.path.join(RESULTS_DIR, "index_build.json")) as f:
+            built = json.load(f)[1]
+        common = {k: built[k] for k in COMMON_KEYS} | {"machine": machine(), "commit": commit()}
+        measure_serving(args, common)
         return 0
     if args.quick:  # the budget scales with the size, so the same index type is chosen
         args.max_index_memory = args.max_index_memory * 100_000 // args.n
@@ -388,8 +412,17 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(f"wrote {out}")
 
-    query_path = os.path.join(work, "query.npy")
-    np.save(query_path, queries[:1])
+    np.save(os.path.join(work, "query.npy"), queries[:1])
+    measure_serving(args, common)
+    return 0
+
+
+def measure_serving(args, common: dict) -> None:
+    """Load rows: a fresh process per way of opening the generation under ``args.output``."""
+    from retrieval_core.index.publish import load_manifest
+
+    shard_bytes = sum(s.bytes for s in load_manifest(args.output).vector_shards)
+    query_path = os.path.join(args.work, "query.npy")
     serving = []
     for mmap in (1, 0):
         for verify in args.verify.split(","):
@@ -411,7 +444,6 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['file_added_mb']} |"
         )
     print(f"wrote {out}")
-    return 0
 
 
 if __name__ == "__main__":

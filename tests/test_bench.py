@@ -59,7 +59,10 @@ def test_index_build_bench_and_report(tmp_path):
         assert all(0 <= r <= 1 for r in recalls) and recalls[-1] >= 0.8  # half the lists: mostly PQ error
     serving = json.loads((results / "serving.json").read_text())
     assert [(r["method"], r["verify"]) for r in serving] == [("mmap", True), ("read", True)]
-    assert all(r["first_query_s"] > 0 for r in serving)
+    assert all(r["first_query_s"] > 0 and r["factory"] == beam["factory"] for r in serving)
+    (results / "serving.json").unlink()
+    assert index_build.main([*argv, "--serving_only", "--verify", "0"]) == 0  # the generation the run left
+    assert [r["verify"] for r in json.loads((results / "serving.json").read_text())] == [False, False]
     page = tmp_path / "benchmarks.md"
     assert report.main(["--results", str(results), "--out", str(page)]) == 0
     assert "IVF512,PQ4,Refine(SQ8)" in page.read_text() and (tmp_path / "img" / "index_build.png").exists()
