@@ -302,7 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max_index_memory", default="256M", help="budget for the automatic choice")
     p.add_argument("--factory", default="", help="force a factory string (default: chosen by choose_spec)")
     p.add_argument("--binary_factory", default="")
-    p.add_argument("--quick", action="store_true", help="100,000 vectors, 200 queries (CI smoke size)")
+    p.add_argument(
+        "--quick", action="store_true", help="100,000 vectors, 200 queries, 20,000 training vectors (CI smoke size)"
+    )
     p.add_argument("--verify", default="0,1", help="load with checksum verification off (0) and/or on (1)")
     p.add_argument("--work", default=os.path.join("artifacts", "bench", "index_build"))
     p.add_argument("--out", default=None, help="default: bench/results/index_build.json")
@@ -332,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:  # the budget scales with the size, so the same index type is chosen
         args.max_index_memory = args.max_index_memory * 100_000 // args.n
-        args.n, args.queries = 100_000, 200
+        args.n, args.queries, args.train_sample = 100_000, 200, min(args.train_sample, 20_000)
 
     work = args.work
     shutil.rmtree(work, ignore_errors=True)

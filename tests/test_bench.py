@@ -35,9 +35,9 @@ def test_incremental_bench(tmp_path, tiny_bundle):
     for row in (scheduled, rehash):
         assert (row["new"], row["changed"], row["removed"]) == (2, 2, 1)
         assert row["decoded"] == row["new"] + row["changed"] and row["ratio"] > 0
-    # Every image is either trusted by its stamp or read and hashed (stamps of files written in the 2 s before
-    # day one read them are not trusted: the racy case); --rehash trusts none.
-    assert 0 < scheduled["stamp_hits"] <= scheduled["unchanged"] and rehash["stamp_hits"] == 0
+    # Every image is either trusted by its stamp or read and hashed; --rehash trusts none. (How many stamps are
+    # trusted depends on timing: a stamp taken less than 2 s after the file was written is not, the racy case.)
+    assert 0 <= scheduled["stamp_hits"] <= scheduled["unchanged"] and rehash["stamp_hits"] == 0
     assert scheduled["hashed"] + scheduled["stamp_hits"] == rehash["hashed"]
 
 
