@@ -85,7 +85,9 @@ class DecodedImage:
     mode: str  # PIL mode of the original
 
 
-def decode_image(data: bytes, prep: Preprocessing | None = None, limits: DecodeLimits | None = None) -> DecodedImage:
+def decode_image(
+    data: bytes, prep: Preprocessing | None = None, limits: DecodeLimits | None = None, *, draft: bool = True
+) -> DecodedImage:
     """Decode untrusted bytes into RGB pixels, resized for ``prep`` when given.
 
     Handles EXIF orientation, CMYK, greyscale, palette and alpha (composited on
@@ -96,6 +98,8 @@ def decode_image(data: bytes, prep: Preprocessing | None = None, limits: DecodeL
         data: the file's bytes.
         prep: target size and resize policy; ``None`` keeps the original size.
         limits: size bounds.
+        draft: allow the reduced-scale JPEG decode. ``False`` decodes every pixel before resizing
+            (slower, slightly different pixels); for measuring what the draft path saves.
 
     Returns:
         The decoded image.
@@ -135,7 +139,7 @@ def decode_image(data: bytes, prep: Preprocessing | None = None, limits: DecodeL
         raise DecodeError("too_small", f"{orig_w}x{orig_h} is smaller than {limits.min_side} px on a side")
 
     try:
-        if fmt == "JPEG" and prep is not None and mode in ("RGB", "L", "CMYK"):
+        if draft and fmt == "JPEG" and prep is not None and mode in ("RGB", "L", "CMYK"):
             # Decode at 1/2, 1/4 or 1/8 scale when that still covers the target: several times faster.
             img.draft(img.mode, (prep.image_size, prep.image_size))
         img.load()
