@@ -8,7 +8,7 @@ ART    ?= artifacts
 RUNNER ?= apache_beam.runners.portability.fn_api_runner.FnApiRunner
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data index train-baseline bench bench-index bench-hamming bench-incremental test lint clean
+.PHONY: help setup data index train-baseline bench bench-index bench-throughput bench-hamming bench-incremental test lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -40,11 +40,14 @@ BUNDLE := $(ART)/bundles/baseline/bundle.json
 $(BUNDLE): | $(STAMP)
 	$(PY) -m retrieval_core.train.baseline --out $(ART)/bundles/baseline --data $(ART)/train_catalog
 
-bench: bench-index bench-hamming bench-incremental  ## every benchmark, then docs/benchmarks.md (BENCH_ARGS=--quick: CI sizes)
+bench: bench-index bench-throughput bench-hamming bench-incremental  ## every benchmark, then docs/benchmarks.md (BENCH_ARGS=--quick: CI sizes)
 	$(PY) -m bench.report
 
 bench-index: $(STAMP)  ## 1M x 128 index through BuildIndex vs plain faiss: build time, RSS, recall@10 vs nprobe, load
 	$(PY) -m bench.index_build $(BENCH_ARGS)
+
+bench-throughput: $(STAMP) $(BUNDLE)  ## Beam pipeline vs a plain PyTorch loop (images/s), and decoding alone
+	$(PY) -m bench.throughput --artifacts $(ART) $(BENCH_ARGS)
 
 bench-hamming: $(STAMP)  ## Hamming radius-2 and k-NN search, multi-index hashing vs a scan, 1M 64-bit codes
 	$(PY) -m bench.hamming $(BENCH_ARGS)

@@ -178,6 +178,35 @@ def index_build_section(rows: list[dict], img_dir: str, rel: str) -> list[str]:
     return lines
 
 
+def throughput_section(rows: list[dict], img_dir: str, rel: str) -> list[str]:
+    embed = [r for r in rows if r["protocol"].startswith("read-decode-embed-write")]
+    bar_plot(
+        os.path.join(img_dir, "throughput.png"),
+        [f"{r['method']}\n{r['images']:,}" for r in embed if r["protocol"] == "read-decode-embed-write"],
+        [r["items_per_s"] for r in embed if r["protocol"] == "read-decode-embed-write"],
+        "images/s",
+        "read, decode, embed, write Parquet",
+    )
+    lines = [
+        "## Embedding throughput (`make bench-throughput`)",
+        "",
+        f"The Beam pipeline (`--full`, local runner, index build and publish included) against a plain PyTorch "
+        f"loop doing the same work with the same bundle, images and batch size; decoding alone against a full "
+        f"decode. Best of {rows[0]['repeats']} alternating runs. `-marginal` rows: the rate per extra image "
+        f"between the small and the large catalog. Machine: {rows[0]['machine']}, commit `{rows[0]['commit']}`. "
+        "Method and fairness: the docstring of `bench/throughput.py`.",
+        "",
+        "| method | protocol | images | wall s | images/s | ratio |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['protocol']} | {r['images']:,} | {r.get('wall_s', '')} | {r['items_per_s']} | "
+            f"{r['ratio']} |"
+        )
+    return [*lines, "", f"![Throughput]({rel}/throughput.png)", ""]
+
+
 def serving_section(rows: list[dict], img_dir: str, rel: str) -> list[str]:
     lines = [
         "## Serving load (`make bench-index`)",
@@ -217,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     sections = (
         ("index_build", index_build_section),
         ("serving", serving_section),
+        ("throughput", throughput_section),
         ("hamming", hamming_section),
         ("incremental", incremental_section),
     )
