@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import subprocess
+import time
 
 RESULTS_DIR = os.path.join("bench", "results")
 
@@ -31,6 +32,16 @@ def commit() -> str:
     except OSError:
         return "unknown"
     return head + ("+dirty" if dirty.stdout.strip() else "") if head else "unknown"
+
+
+def timed(fn, repeats: int = 3):
+    """(best wall seconds of ``repeats`` calls of ``fn``, the last result)."""
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, result
 
 
 def write_rows(name: str, rows: list[dict], out: str | None = None) -> str:

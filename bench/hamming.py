@@ -17,12 +17,11 @@ answer. Writes ``bench/results/hamming.json`` and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import time
 
 import faiss
 import numpy as np
 
-from bench.common import commit, machine, write_rows
+from bench.common import commit, machine, timed, write_rows
 from retrieval_core.index import hamming
 
 BITS = 64
@@ -42,16 +41,6 @@ def _noisy(centre_bits: np.ndarray, n: int, rng: np.random.Generator, flip: floa
         bits = centre_bits[rng.integers(0, len(centre_bits), m)] ^ (rng.random((m, BITS)) < flip)
         out[start : start + m] = np.packbits(bits.astype(np.uint8), axis=1)
     return out
-
-
-def timed(fn, repeats: int = 3):
-    """(best wall seconds of ``repeats`` calls, the last result)."""
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, result
 
 
 def main(argv: list[str] | None = None) -> int:

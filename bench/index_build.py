@@ -40,7 +40,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bench.common import RESULTS_DIR, commit, machine, write_rows
+from bench.common import RESULTS_DIR, commit, machine, timed, write_rows
 from retrieval_core.index.build import choose_spec, parse_bytes
 
 ROWS_PER_FILE = 50_000
@@ -255,15 +255,6 @@ def recall_at_10(found, truth: np.ndarray) -> float:
     return float(np.mean([len({int(r) for r in f if r >= 0} & set(t.tolist())) / len(t) for f, t in zip(found, truth)]))
 
 
-def best_of(fn, repeats: int = 3) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
-
-
 def search_curves(args, queries: np.ndarray, truth: np.ndarray, row_of: dict[str, int]) -> list[dict]:
     from retrieval_core.search import Searcher
 
@@ -273,10 +264,10 @@ def search_curves(args, queries: np.ndarray, truth: np.ndarray, row_of: dict[str
     nlist = ivf.nlist
     rows = []
     for nprobe in (p for p in NPROBES if p <= nlist):
-        s_sharded, result = best_of(lambda nprobe=nprobe: searcher.search_vectors(queries, 10, nprobe=nprobe))
+        s_sharded, result = timed(lambda nprobe=nprobe: searcher.search_vectors(queries, 10, nprobe=nprobe))
         sharded_rows = [[row_of[i] for i in items if i is not None] for items in result.item_ids]
         ivf.nprobe = nprobe
-        s_plain, (_, plain_rows) = best_of(lambda: plain.search(queries, 10))
+        s_plain, (_, plain_rows) = timed(lambda: plain.search(queries, 10))
         rows.append(
             {
                 "nprobe": nprobe,
