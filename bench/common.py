@@ -44,6 +44,20 @@ def timed(fn, repeats: int = 3):
     return best, result
 
 
+def pipeline_argv(catalog: str, output: str, bundle: str, run_id: str, *extra: str) -> list[str]:
+    """Flags of an indexing run on the local runner (what ``make index`` uses), plus ``extra``."""
+    from pipelines.run_default import LOCAL_RUNNER
+
+    return [
+        f"--catalog={catalog}",
+        f"--output={output}",
+        f"--bundle={bundle}",
+        f"--runner={LOCAL_RUNNER}",
+        f"--run_id={run_id}",
+        *extra,
+    ]
+
+
 def write_rows(name: str, rows: list[dict], out: str | None = None) -> str:
     """Write ``rows`` (the CONVENTIONS.md row shape) to ``bench/results/<name>.json``; returns the path."""
     path = out or os.path.join(RESULTS_DIR, f"{name}.json")

@@ -19,9 +19,8 @@ import time
 
 from PIL import Image, ImageOps
 
-from bench.common import commit, machine, write_rows
+from bench.common import commit, machine, pipeline_argv, write_rows
 from pipelines.index_catalog import run as run_pipeline
-from pipelines.run_default import LOCAL_RUNNER
 from retrieval_core.bundle import CONFIG_FILE
 from retrieval_core.data.synthetic import SyntheticConfig, generate_catalog
 
@@ -56,16 +55,7 @@ def day_two(catalog: str, work: str, fraction: float, seed_rows: list[dict]) -> 
 
 def timed_run(catalog: str, output: str, bundle: str, run_id: str, *extra: str) -> tuple[float, dict]:
     t = time.perf_counter()
-    report = run_pipeline(
-        [
-            f"--catalog={catalog}",
-            f"--output={output}",
-            f"--bundle={bundle}",
-            f"--runner={LOCAL_RUNNER}",
-            f"--run_id={run_id}",
-            *extra,
-        ]
-    )
+    report = run_pipeline(pipeline_argv(catalog, output, bundle, run_id, *extra))
     return time.perf_counter() - t, report
 
 

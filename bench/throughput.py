@@ -55,9 +55,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from bench.common import commit, machine, write_rows
+from bench.common import commit, machine, pipeline_argv, write_rows
 from pipelines.index_catalog import run as run_pipeline
-from pipelines.run_default import LOCAL_RUNNER
 from retrieval_core import io as rio
 from retrieval_core.bundle import CONFIG_FILE
 from retrieval_core.data.synthetic import SyntheticConfig, generate_catalog
@@ -246,17 +245,7 @@ def beam_pipeline(catalog: str, bundle: str, output: str, batch_size: int, run_i
     """A full run of the indexing pipeline on the local runner, from an empty output root."""
     shutil.rmtree(output, ignore_errors=True)
     start, cpu = time.perf_counter(), time.process_time()
-    report = run_pipeline(
-        [
-            f"--catalog={catalog}",
-            f"--output={output}",
-            f"--bundle={bundle}",
-            f"--runner={LOCAL_RUNNER}",
-            f"--run_id={run_id}",
-            f"--batch_size={batch_size}",
-            "--full",
-        ]
-    )
+    report = run_pipeline(pipeline_argv(catalog, output, bundle, run_id, f"--batch_size={batch_size}", "--full"))
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     if report["counts"]["dead_letter"]:
         raise SystemExit(f"benchmark catalog produced dead letters ({report['counts']}): fix the setup")
