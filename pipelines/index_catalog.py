@@ -37,12 +37,12 @@ from pipelines.transforms.write import WriteTable, table_prefix
 from retrieval_core import io as rio
 from retrieval_core.bundle import BundleConfig, verify_bundle
 from retrieval_core.encoder import resolve_device
-from retrieval_core.index.build import METRIC_TYPES, parse_bytes
+from retrieval_core.index.build import METRIC_TYPES, IndexSpec, parse_bytes
 from retrieval_core.index.publish import CURRENT_FILE, MANIFEST_FILE, load_manifest, read_current
 from schemas import DEAD_LETTER_SCHEMA, feature_schema
 
 log = logging.getLogger("index_catalog")
-METRIC = METRIC_TYPES["inner_product"]  # what BuildIndex builds with
+METRIC = METRIC_TYPES[IndexSpec.metric]  # the metric BuildIndex builds with
 
 LOCAL_RUNNERS = (
     "DirectRunner",

@@ -199,8 +199,9 @@ def memory_per_vector(index: faiss.Index) -> tuple[float, int] | None:
     codebooks = 4 * index.pq.M * index.pq.ksub * index.pq.dsub if isinstance(index, _PQ_TYPES) else 0
     if isinstance(index, faiss.IndexIVF):
         quantizer = memory_per_vector(index.quantizer)
-        fixed = quantizer[1] + int(quantizer[0] * index.nlist) + codebooks if quantizer else 0
-        return None if quantizer is None else (index.code_size + 8, fixed)
+        if quantizer is None:
+            return None
+        return index.code_size + 8, quantizer[1] + int(quantizer[0] * index.nlist) + codebooks
     if isinstance(index, faiss.IndexHNSW):
         storage = memory_per_vector(index.storage)
         links = 4 * index.hnsw.nb_neighbors(0) * 1.05 + 12
