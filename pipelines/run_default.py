@@ -21,7 +21,7 @@ from pipelines.index_catalog import run as run_pipeline
 from retrieval_core import io as rio
 from retrieval_core.bundle import CONFIG_FILE
 from retrieval_core.data.synthetic import SyntheticConfig, generate_catalog
-from retrieval_core.eval.metrics import recall_at_k
+from retrieval_core.eval.metrics import hit_rate_at_k
 from retrieval_core.search import Searcher
 
 LOCAL_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
@@ -55,7 +55,7 @@ def evaluate_index(output: str, bundle_dir: str, catalog_csv: str, ks=(1, 10)) -
     ):
         ranked = np.array([[rows[i]["product_id"] if i else "" for i in r] for r in result.item_ids])
         for k in ks:
-            out[f"{mode}_recall_at_{k}"] = round(recall_at_k(ranked, targets, k), 4)
+            out[f"{mode}_recall_at_{k}"] = round(hit_rate_at_k(ranked, targets, k), 4)
     out["example_query"] = queries[0] if queries else None
     return out
 

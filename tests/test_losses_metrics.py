@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval_core.eval.metrics import recall_at_k
+from retrieval_core.eval.metrics import hit_rate_at_k
 from retrieval_core.eval.retrieval import hamming_distances, rank_by_score
 from retrieval_core.losses import QuantizationLoss, SupConLoss, create_loss
 
@@ -51,15 +51,15 @@ def test_quantization_loss_naive():
         create_loss("nope")
 
 
-def test_recall_at_k_naive():
+def test_hit_rate_at_k_naive():
     rng = np.random.default_rng(0)
     ranked = rng.integers(0, 5, (40, 10))
     targets = rng.integers(0, 5, 40)
     for k in (1, 3, 10):
         naive = sum(any(ranked[q, j] == targets[q] for j in range(k)) for q in range(40)) / 40
-        assert recall_at_k(ranked, targets, k) == pytest.approx(naive)
+        assert hit_rate_at_k(ranked, targets, k) == pytest.approx(naive)
     with pytest.raises(ValueError):
-        recall_at_k(ranked, targets, 11)
+        hit_rate_at_k(ranked, targets, 11)
 
 
 def test_hamming_distances_naive():

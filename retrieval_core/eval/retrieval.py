@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from retrieval_core.eval.metrics import recall_at_k
+from retrieval_core.eval.metrics import hit_rate_at_k
 
 
 def hamming_distances(query_codes: np.ndarray, db_codes: np.ndarray) -> np.ndarray:
@@ -38,6 +38,6 @@ def consumer_to_shop_recall(
     out = {}
     for k in ks:
         kk = min(k, kmax)
-        out[f"recall_at_{k}"] = recall_at_k(ranked, targets, kk)
-        out[f"hamming_recall_at_{k}"] = recall_at_k(ranked_h, targets, kk)
+        out[f"recall_at_{k}"] = hit_rate_at_k(ranked, targets, kk)
+        out[f"hamming_recall_at_{k}"] = hit_rate_at_k(ranked_h, targets, kk)
     return out
