@@ -1,8 +1,15 @@
 """Loss modules, one family per file, created by name through ``create_loss``."""
 
+from retrieval_core.losses.hashing import CauchyHashingLoss, CauchyQuantizationLoss, PairAdversarialLoss
 from retrieval_core.losses.metric import QuantizationLoss, SupConLoss
 
-_LOSSES = {"supcon": SupConLoss, "quantization": QuantizationLoss}
+_LOSSES = {
+    "supcon": SupConLoss,
+    "quantization": QuantizationLoss,
+    "cauchy": CauchyHashingLoss,
+    "cauchy_quantization": CauchyQuantizationLoss,
+    "pair_adversarial": PairAdversarialLoss,
+}
 
 
 def create_loss(name: str, **config):
@@ -13,4 +20,11 @@ def create_loss(name: str, **config):
         raise KeyError(f"unknown loss {name!r}; known: {sorted(_LOSSES)}") from None
 
 
-__all__ = ["QuantizationLoss", "SupConLoss", "create_loss"]
+__all__ = [
+    "CauchyHashingLoss",
+    "CauchyQuantizationLoss",
+    "PairAdversarialLoss",
+    "QuantizationLoss",
+    "SupConLoss",
+    "create_loss",
+]
