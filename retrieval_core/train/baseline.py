@@ -30,6 +30,14 @@ from retrieval_core.eval.retrieval import consumer_to_shop_recall
 from retrieval_core.losses import create_loss
 from retrieval_core.models import create_model
 from retrieval_core.preprocess import Preprocessing, load_image_file, to_model_input
+from retrieval_core.train.common import (
+    augment,
+    config_args_parser,
+    config_from_args,
+    load_checkpoint,
+    save_checkpoint,
+    work_dir,
+)
 
 ATTRIBUTES = ("colour", "pattern", "sleeve_length")
 
@@ -64,15 +72,7 @@ class TrainConfig:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for name, default in asdict(TrainConfig()).items():
-        if isinstance(default, bool):
-            p.add_argument(f"--{name}", action="store_true")
-        elif isinstance(default, tuple):
-            p.add_argument(f"--{name}", type=int, nargs="+", default=list(default))
-        else:
-            p.add_argument(f"--{name}", type=type(default), default=default)
-    return p
+    return config_args_parser(TrainConfig, __doc__.split("\n\n")[0])
 
 
 @dataclass
@@ -106,21 +106,6 @@ def load_dataset(catalog_csv: str, prep: Preprocessing) -> Dataset:
         category=np.array([CATEGORIES.index(r["category"]) for r in rows]),
         attributes={a: np.array([ATTRIBUTE_VALUES[a].index(r[a]) for r in rows]) for a in ATTRIBUTES},
     )
-
-
-def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random flip, rotation, scale, shift and brightness/contrast: consumer-photo-like variation."""
-    n = x.shape[0]
-    u = lambda lo, hi: lo + (hi - lo) * torch.rand(n, generator=gen)  # noqa: E731
-    angle, scale = u(-0.3, 0.3), u(0.8, 1.2)
-    flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack(
-        [torch.stack([cos * flip, -sin, u(-0.15, 0.15)], 1), torch.stack([sin * flip, cos, u(-0.15, 0.15)], 1)], 1
-    )
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
-    return x * u(0.7, 1.3)[:, None, None, None] + u(-0.4, 0.4)[:, None, None, None]
 
 
 def batches(data: Dataset, products: np.ndarray, batch_products: int, rng: np.random.Generator):
@@ -229,14 +214,10 @@ def main(cfg: TrainConfig) -> BundleConfig:
     )
     losses = {"supcon": create_loss("supcon", temperature=cfg.temperature), "quant": create_loss("quantization")}
 
-    work = cfg.out.rstrip("/") + ".work"
-    os.makedirs(work, exist_ok=True)
-    with open(os.path.join(work, "train_config.json"), "w") as f:
-        json.dump(asdict(cfg), f, indent=2)
-    ckpt_path = os.path.join(work, "checkpoint.pt")
+    ckpt_path = os.path.join(work_dir(cfg.out, cfg), "checkpoint.pt")
     start_epoch, history = 0, []
-    if cfg.resume and os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, weights_only=True)
+    ckpt = load_checkpoint(ckpt_path) if cfg.resume else None
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -250,8 +231,8 @@ def main(cfg: TrainConfig) -> BundleConfig:
             record.update({k: round(v, 4) for k, v in evaluate(model, data, val_mask, cfg.image_size).items()})
         history.append(record)
         print(json.dumps(record))
-        tmp = ckpt_path + ".tmp"
-        torch.save(
+        save_checkpoint(
+            ckpt_path,
             {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
@@ -259,9 +240,7 @@ def main(cfg: TrainConfig) -> BundleConfig:
                 "epoch": epoch + 1,
                 "history": json.dumps(history),
             },
-            tmp,
         )
-        os.replace(tmp, ckpt_path)
 
     metrics = evaluate(model, data, val_mask, cfg.image_size)
     bundle = BundleConfig(
@@ -291,7 +270,7 @@ def main(cfg: TrainConfig) -> BundleConfig:
 
 def cli(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    cfg = TrainConfig(**{**vars(args), "widths": tuple(args.widths)})
+    cfg = config_from_args(TrainConfig, args)
     if cfg.epochs < 1 or cfg.batch_products < 2:
         raise SystemExit("--epochs must be >= 1 and --batch_products >= 2")
     main(cfg)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-JOBS = {"baseline": "retrieval_core.train.baseline"}
+JOBS = {"baseline": "retrieval_core.train.baseline", "hashing": "retrieval_core.train.hashing"}
 
 
 def main(argv: list[str] | None = None) -> int:
