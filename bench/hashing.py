@@ -23,7 +23,7 @@ import os
 import re
 import time
 
-from bench.common import commit, machine, write_rows
+from bench.common import RESULTS_DIR, commit, machine, write_rows
 from retrieval_core.data import fashion_mnist, real_photos
 from retrieval_core.models.projection_hashing import ITQ, LSH
 from retrieval_core.train import hashing
@@ -141,10 +141,19 @@ def run_dataset(dataset: str, args, artifacts: str) -> list[dict]:
     return rows
 
 
+def keep_other_datasets(path: str, rows: list[dict], ran: set[str]) -> list[dict]:
+    """``rows`` plus the rows already in ``path`` of datasets this run did not measure (each keeps its stamp)."""
+    if not os.path.exists(path):
+        return rows
+    with open(path) as f:
+        kept = [r for r in json.load(f) if r["dataset"] not in ran]
+    return kept + rows
+
+
 def markdown(rows: list[dict], skipped: dict[str, str], quick: bool) -> str:
     lines = [
-        f"Command: `make bench-hashing{' BENCH_ARGS=--quick' if quick else ''}`. "
-        f"Machine: {rows[0]['machine'] if rows else machine()}; commit {rows[0]['commit'] if rows else commit()}. "
+        f"Command: `make bench-hashing{' BENCH_ARGS=--quick' if quick else ''}` "
+        "(`BENCH_ARGS='--datasets fashion-mnist'` for one dataset; the rows of the others are kept). "
         "Rows: `bench/results/hashing.json`.",
         "",
     ]
@@ -154,6 +163,8 @@ def markdown(rows: list[dict], skipped: dict[str, str], quick: bool) -> str:
         lines += [
             f"### {dataset} ({r0['protocol']}: {r0['query_size']:,} queries, {r0['database_size']:,} database, "
             f"seed {r0['seed']}, {r0['epochs']} epochs per network)",
+            "",
+            f"Machine: {r0['machine']}; commit {r0['commit']}.",
             "",
             "| bits | method | mAP@all | mAP@1000 | P@r<=2 | queries with any hit r<=2 | P@100 | top-1 acc | train s "
             "| encode s |",
@@ -212,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         rows += run_dataset(dataset, args, args.artifacts)
     stamp = {"machine": machine(), "commit": commit()}
     rows = [{**r, **stamp} for r in rows]
-    print("wrote", write_rows("hashing-quick" if args.quick else "hashing", rows, args.out))
+    out = args.out or os.path.join(RESULTS_DIR, "hashing-quick.json" if args.quick else "hashing.json")
+    rows = keep_other_datasets(out, rows, ran=set(args.datasets) - set(skipped))
+    print("wrote", write_rows("hashing", rows, out))
     section = markdown(rows, skipped, args.quick)
     print(section)
     if doc:
