@@ -48,7 +48,7 @@ def available(dataset: str, data_dir: str | None) -> str | None:
     folder = os.path.join(data_dir, dataset) if data_dir else None
     try:
         if dataset == "fashion-mnist":
-            fashion_mnist.find_dir(folder)
+            hashing.fashion_mnist_dir(data_dir or "")
         elif dataset == "clothing-small":
             real_photos.clothing_small("validation", folder)
         else:
@@ -105,6 +105,8 @@ def projection_rows(backbone: hashing.HashingRun, cfg, data, bits_list) -> list[
 
 
 def run_dataset(dataset: str, args, artifacts: str) -> list[dict]:
+    slices = {k: QUICK[k] if args.quick else 0 for k in QUICK}  # 0: everything
+    slices.update({k: getattr(args, k) for k in QUICK if getattr(args, k) is not None})
     base = hashing.HashingConfig(
         dataset=dataset,
         data_dir=args.data_dir or "",
@@ -113,7 +115,7 @@ def run_dataset(dataset: str, args, artifacts: str) -> list[dict]:
         epochs=args.epochs or (QUICK_EPOCHS if args.quick else EPOCHS)[dataset],
         seed=args.seed,
         threads=args.threads,
-        **(QUICK if args.quick else {}),
+        **slices,
     )
     started = time.perf_counter()
     data = hashing.load_data(base)
@@ -204,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data_dir", default="", help="default: $RETRIEVAL_DATA_DIR")
     p.add_argument("--artifacts", default="artifacts")
     p.add_argument("--quick", action="store_true", help="small seeded slices, few epochs (minutes)")
+    p.add_argument("--limit_train", type=int, default=None, help="seeded database slice (default: all; --quick 1024)")
+    p.add_argument("--limit_query", type=int, default=None, help="seeded query slice (default: all; --quick 256)")
     p.add_argument("--out", default=None, help="default: bench/results/hashing.json (--quick: hashing-quick.json)")
     p.add_argument(
         "--doc",

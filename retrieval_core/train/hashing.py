@@ -28,6 +28,7 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -143,6 +144,20 @@ def _decode(files: real_photos.LabelledFiles, keep: np.ndarray, prep: Preprocess
     return pixels, files.labels[keep][ok], int((~ok).sum())
 
 
+def fashion_mnist_dir(data_dir: str = "") -> Path:
+    """``<data_dir>/fashion-mnist`` when it has the files, else where ``fashion_mnist.find_dir`` finds them.
+
+    Raises:
+        FashionMNISTError: nowhere; the message says how to install the Debian package.
+    """
+    if data_dir:
+        try:
+            return fashion_mnist.find_dir(Path(data_dir) / "fashion-mnist")
+        except fashion_mnist.FashionMNISTError:
+            pass
+    return fashion_mnist.find_dir()
+
+
 def load_data(cfg: HashingConfig) -> HashingData:
     """Read and decode the protocol's database and queries (photos through the pipeline's decoder).
 
@@ -154,7 +169,7 @@ def load_data(cfg: HashingConfig) -> HashingData:
         return os.path.join(cfg.data_dir, name) if cfg.data_dir else None
 
     if cfg.dataset == "fashion-mnist":
-        fm_dir = fashion_mnist.find_dir(folder("fashion-mnist"))
+        fm_dir = fashion_mnist_dir(cfg.data_dir)
         db, db_labels = fashion_mnist.load("train", fm_dir)
         query, query_labels = fashion_mnist.load("test", fm_dir)
         keep_db = _seeded_slice(len(db_labels), cfg.limit_train, cfg.seed)

@@ -1,0 +1,46 @@
+"""``make bench-hashing`` at a tiny size: the row shape, the table in the doc, kept rows, a skipped dataset."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import hashing as bench
+from retrieval_core.data import fashion_mnist
+
+ROW_KEYS = {"method", "dataset", "protocol", "bits", "map_all", "precision_r2", "train_s", "encode_s", "epochs", "seed"}
+
+
+def test_tiny_hashing_bench(tmp_path):
+    try:
+        fashion_mnist.find_dir()
+    except fashion_mnist.FashionMNISTError as e:
+        pytest.skip(f"real Fashion-MNIST not installed (make data): {e}")
+    out, doc = tmp_path / "hashing.json", tmp_path / "results.md"
+    earlier = {
+        **dict.fromkeys(bench.METRICS, 0.5),
+        **{"method": "adsh", "dataset": "fashion-product-small", "protocol": "p", "bits": 16, "train_s": 1.0},
+        **{"encode_s": 1.0, "epochs": 1, "seed": 0, "query_size": 1, "database_size": 2, "machine": "m", "commit": "x"},
+    }
+    out.write_text(json.dumps([earlier]))
+    doc.write_text(
+        "# Results\n\nkept above\n\n<!-- bench-hashing:begin -->\nold table\n<!-- bench-hashing:end -->\nkept below\n"
+    )
+    empty_data_dir = tmp_path / "no-data"
+    empty_data_dir.mkdir()
+    argv = ["--datasets", "fashion-mnist", "clothing-small", "--bits", "16", "--epochs", "1", "--limit_train", "256"]
+    argv += ["--limit_query", "64", "--data_dir", str(empty_data_dir), "--artifacts", str(tmp_path / "art")]
+    assert bench.main([*argv, "--out", str(out), "--doc", str(doc)]) == 0
+
+    rows = json.loads(out.read_text())
+    assert rows[0] == earlier  # a dataset this run did not measure keeps its rows
+    new = [r for r in rows if r["dataset"] == "fashion-mnist"]
+    assert sorted(r["method"] for r in new) == ["adsh", "dch", "itq", "lsh"]
+    for r in new:
+        assert ROW_KEYS <= set(r) and r["bits"] == 16 and r["database_size"] == 256 and r["query_size"] == 64
+        assert 0 <= r["map_all"] <= 1 and r["machine"] and r["commit"]
+    text = doc.read_text()
+    assert "old table" not in text and "kept above" in text and "kept below" in text
+    assert "| 16 | adsh |" in text and "### fashion-mnist" in text and "### fashion-product-small" in text
+    assert "clothing-small: skipped" in text  # the empty data dir has no clothing photos
