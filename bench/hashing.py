@@ -4,14 +4,16 @@ For each dataset (``retrieval_core.train.hashing`` has the protocols; relevant =
 
 - ``adsh`` and ``dch``: one network trained per bit length, with and without the adversary, everything
   else equal (same data, seed, epochs, losses and weights);
-- ``itq`` and ``lsh``: codes of the float embeddings of the same backbone trained with the category loss
-  only (one run per dataset, shared by every bit length), fitted on the database embeddings.
+- ``itq`` and ``lsh``: codes of the float embeddings of the same network trained without the hashing losses
+  (category cross-entropy and the embedding's supervised contrastive loss only; one run per dataset, shared
+  by every bit length), fitted on the database embeddings.
 
 Every method's codes are ranked by Hamming distance with ties broken by database id
 (``retrieval_core.eval.hashing``), so the numbers are comparable and reproducible. Rows: mAP@all, mAP@1000,
 precision within radius 2 (0 for a query that retrieves nothing), precision@100, and wall times of training
-and encoding. Writes ``bench/results/hashing.json`` and the table in ``docs/results.md``. A dataset that is
-not on this machine is skipped, saying why.
+and encoding; the precision@k and precision-recall (by radius) curves go to ``hashing-curves.json``. Writes
+``bench/results/hashing.json`` (after each dataset, so a later failure keeps the earlier datasets) and the
+table in ``docs/results.md``. A dataset that is not on this machine is skipped, saying why.
 """
 
 from __future__ import annotations
@@ -53,13 +55,15 @@ def available(dataset: str, data_dir: str | None) -> str | None:
             real_photos.clothing_small("validation", folder)
         else:
             real_photos.fashion_product_split(data_dir=folder)
-    except (fashion_mnist.FashionMNISTError, FileNotFoundError) as e:
+    except (fashion_mnist.FashionMNISTError, FileNotFoundError, ValueError) as e:
         return str(e)
     return None
 
 
 def _row(method: str, cfg: hashing.HashingConfig, data: hashing.HashingData, bits: int, metrics: dict, **extra):
+    """One result row (CONVENTIONS.md shape); the metrics' curves go under ``_curves`` (split off before writing)."""
     return {
+        "_curves": metrics["curves"],
         "method": method,
         "dataset": data.dataset,
         "protocol": data.protocol,
@@ -217,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     doc = (None if args.quick else DOC) if args.doc is None else args.doc
 
+    out = args.out or os.path.join(RESULTS_DIR, "hashing-quick.json" if args.quick else "hashing.json")
+    curves_out = out.removesuffix(".json") + "-curves.json"
+    stamp = {"machine": machine(), "commit": commit()}
     rows, skipped = [], {}
     for dataset in args.datasets:
         why = available(dataset, args.data_dir or None)
@@ -224,12 +231,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{dataset}: skipped: {why}")
             skipped[dataset] = why
             continue
-        rows += run_dataset(dataset, args, args.artifacts)
-    stamp = {"machine": machine(), "commit": commit()}
-    rows = [{**r, **stamp} for r in rows]
-    out = args.out or os.path.join(RESULTS_DIR, "hashing-quick.json" if args.quick else "hashing.json")
-    rows = keep_other_datasets(out, rows, ran=set(args.datasets) - set(skipped))
-    print("wrote", write_rows("hashing", rows, out))
+        new = [{**r, **stamp} for r in run_dataset(dataset, args, args.artifacts)]
+        curves = [{k: r[k] for k in ("method", "dataset", "bits")} | r.pop("_curves") for r in new]
+        write_rows("hashing-curves", keep_other_datasets(curves_out, curves, ran={dataset}), curves_out)
+        rows = keep_other_datasets(out, new, ran={dataset})
+        print("wrote", write_rows("hashing", rows, out))
+    if not rows:
+        rows = keep_other_datasets(out, [], ran=set())
     section = markdown(rows, skipped, args.quick)
     print(section)
     if doc:

@@ -33,6 +33,9 @@ def test_tiny_hashing_bench(tmp_path):
     argv += ["--limit_query", "64", "--data_dir", str(empty_data_dir), "--artifacts", str(tmp_path / "art")]
     assert bench.main([*argv, "--out", str(out), "--doc", str(doc)]) == 0
 
+    curves = json.loads((tmp_path / "hashing-curves.json").read_text())
+    assert {c["method"] for c in curves} == {"adsh", "dch", "itq", "lsh"}
+    assert all(len(c["pr_curve"]["radius"]) == 17 and "precision_at_k_curve" in c for c in curves)
     rows = json.loads(out.read_text())
     assert rows[0] == earlier  # a dataset this run did not measure keeps its rows
     new = [r for r in rows if r["dataset"] == "fashion-mnist"]

@@ -157,6 +157,9 @@ def test_adversary_gradients_go_where_they_should():
     assert all(p.grad is not None for p in disc.parameters())
     PairAdversarialLoss().generator_loss(disc, features.detach(), codes, anchors, partners).backward()
     assert codes.grad is not None and codes.grad.abs().sum() > 0
+    none = torch.tensor([], dtype=torch.long)
+    with pytest.raises(ValueError, match="same-class pair"):
+        PairAdversarialLoss().discriminator_loss(disc, features, codes, none, none)
 
 
 def clustered(n: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import glob
+import hashlib
 import os
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 import retrieval_core.train.hashing as hashing
@@ -84,6 +86,44 @@ def test_adsh_writes_a_bundle_and_resumes_exactly(tmp_path, monkeypatch, data):
     assert resumed.bundle.model_id == straight.bundle.model_id
 
 
+def test_resume_refuses_a_checkpoint_of_another_configuration(tmp_path, data):
+    hashing.main(tiny_config(tmp_path, "run", epochs=1), data)
+    with pytest.raises(ValueError, match="epochs: 1 -> 2"):
+        hashing.main(tiny_config(tmp_path, "run", epochs=2, resume=True), data)
+
+
+def test_a_batch_without_same_class_pairs_skips_the_adversary(tmp_path):
+    cfg = tiny_config(tmp_path, "x")
+    trainer = hashing.build_trainer(cfg, n_classes=4, steps_per_epoch=2)
+    x, labels = torch.randn(4, 3, 28, 28), torch.tensor([0, 1, 2, 3])
+    terms = hashing.training_step(trainer, x, labels, torch.Generator().manual_seed(0))
+    assert "adv" not in terms and np.isfinite(terms["total"])
+    terms = hashing.training_step(trainer, x, torch.tensor([0, 0, 1, 1]), torch.Generator().manual_seed(0))
+    assert {"adv", "disc"} <= set(terms)
+
+
+def test_adsh_and_dch_see_the_same_batches(tmp_path, data, monkeypatch):
+    seen: dict[str, list] = {"adsh": [], "dch": []}
+    real_step = hashing.training_step
+
+    def record(trainer, x, labels, pair_gen):
+        seen[trainer.cfg.method].append(x.clone())
+        return real_step(trainer, x, labels, pair_gen)
+
+    monkeypatch.setattr(hashing, "training_step", record)
+    hashing.main(tiny_config(tmp_path, "a", epochs=1), data)
+    hashing.main(tiny_config(tmp_path, "d", epochs=1, no_adversary=True), data)
+    assert len(seen["adsh"]) == len(seen["dch"]) == 6
+    assert all(torch.equal(a, d) for a, d in zip(seen["adsh"], seen["dch"]))
+
+
+def test_photo_databases_are_ordered_by_id_hash():
+    ids = ("b", "a", "c", "d")
+    order = hashing._id_hash_order(ids, np.arange(4))
+    keys = [hashlib.sha256(ids[i].encode()).hexdigest() for i in order]
+    assert keys == sorted(keys) and sorted(order.tolist()) == [0, 1, 2, 3]
+
+
 def test_dch_is_the_same_run_without_the_adversary(tmp_path, data):
     run = hashing.main(tiny_config(tmp_path, "dch", no_adversary=True), data)
     assert run.bundle.training["method"] == "dch"
@@ -93,8 +133,8 @@ def test_dch_is_the_same_run_without_the_adversary(tmp_path, data):
 
 def test_training_separates_the_classes(tmp_path, data):
     untrained = hashing.main(tiny_config(tmp_path, "one-step", epochs=1, lr=1e-6), data)
-    trained = hashing.main(tiny_config(tmp_path, "trained", epochs=12), data)
-    assert trained.metrics["map_all"] > 0.9 > untrained.metrics["map_all"]
+    trained = hashing.main(tiny_config(tmp_path, "trained", epochs=20), data)
+    assert trained.metrics["map_all"] > 0.75 > 0.5 > untrained.metrics["map_all"]
     assert trained.metrics["top1_acc"] > 0.5  # three classes: chance is a third
 
 

@@ -66,7 +66,10 @@ class CauchyHashingLoss(nn.Module):
 
 
 class CauchyQuantizationLoss(nn.Module):
-    """DCH's quantisation loss: ``mean_i log(1 + d(|h_i|, 1) / gamma)``, pulling every code to a corner of +-1.
+    """DCH's quantisation loss: ``mean_i log(1 + d(|h_i|, 1) / gamma)``.
+
+    With the cosine distance it pulls ``|h_i|`` towards a multiple of the all-ones vector (every coordinate
+    the same magnitude), not towards +-1 itself; every loss here is scale-free, and the tanh saturates.
 
     Args:
         gamma: Cauchy scale, the same as the pairwise loss's.
@@ -117,7 +120,8 @@ class PairAdversarialLoss(nn.Module):
 
     ``discriminator_loss`` detaches its inputs (it trains the discriminator only); ``generator_loss`` lets
     gradients reach whatever it is given (the training job passes detached features, so the adversary
-    shapes the codes and cannot win by blurring the features).
+    shapes the codes and cannot win by blurring the features). Both need at least one anchor: the caller
+    skips the adversarial step for a batch without a same-class pair.
     """
 
     def _logits(self, discriminator: nn.Module, features, codes, anchors, partners) -> tuple[torch.Tensor, ...]:
@@ -129,7 +133,7 @@ class PairAdversarialLoss(nn.Module):
         self, discriminator: nn.Module, features: torch.Tensor, codes: torch.Tensor, anchors, partners
     ) -> torch.Tensor:
         if anchors.numel() == 0:
-            return features.sum() * 0.0
+            raise ValueError("no same-class pair in the batch: nothing for the discriminator to compare")
         real, swapped = self._logits(discriminator, features.detach(), codes.detach(), anchors, partners)
         return 0.5 * (
             F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
@@ -140,7 +144,7 @@ class PairAdversarialLoss(nn.Module):
         self, discriminator: nn.Module, features: torch.Tensor, codes: torch.Tensor, anchors, partners
     ) -> torch.Tensor:
         if anchors.numel() == 0:
-            return codes.sum() * 0.0
+            raise ValueError("no same-class pair in the batch: nothing for the discriminator to compare")
         real, swapped = self._logits(discriminator, features, codes, anchors, partners)
         return 0.5 * (
             F.binary_cross_entropy_with_logits(real, torch.zeros_like(real))

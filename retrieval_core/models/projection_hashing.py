@@ -79,7 +79,7 @@ class ITQ(_ProjectionHash):
         self.quantization_error = []
         for _ in range(self.iterations):
             z = v @ rotation
-            b = np.where(z >= 0, 1.0, -1.0)
+            b = np.where(z > 0, 1.0, -1.0)  # the sign rule of pack_codes
             self.quantization_error.append(float(((b - z) ** 2).sum() / len(v)))
             # Fix B, solve the orthogonal Procrustes problem max tr(B^T V R): R = W U^T for B^T V = U S W^T.
             u, _, wt = np.linalg.svd(b.T @ v)

@@ -44,6 +44,16 @@ def work_dir(out: str, config) -> str:
     return work
 
 
+def resume_mismatch(saved: dict, config, ignore: tuple[str, ...] = ("out", "resume", "threads", "cache_dir")) -> str:
+    """What differs between a checkpoint's config and this run's ("" when nothing that matters does).
+
+    Resuming with other epochs, data or losses would silently mix two runs (or fail deep in the scheduler).
+    """
+    current = json.loads(json.dumps(asdict(config)))  # tuples as lists, like the saved copy
+    keys = sorted((set(saved) | set(current)) - set(ignore))
+    return ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k))
+
+
 def save_checkpoint(path: str, state: dict) -> None:
     """Write a checkpoint atomically: an interrupted save never leaves a torn file behind."""
     tmp = path + ".tmp"

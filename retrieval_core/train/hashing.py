@@ -5,7 +5,8 @@
 
 The network is the baseline CNN (a category head, a K-bit hash head: tanh in training, sign at inference).
 Loss = category cross-entropy + Deep Cauchy Hashing's pairwise loss on the relaxed codes + its quantisation
-loss (``lambda``), and for ADSH an adversarial term: a discriminator on (image feature, code) pairs learns to
+loss (``lambda``) + a supervised contrastive loss on the float embedding (what the float index, and the LSH
+and ITQ baselines, use), and for ADSH an adversarial term: a discriminator on (image feature, code) pairs learns to
 tell an image's own code from a same-class image's code, and the hashing network learns to fool it. The
 discriminator has its own optimiser. Everything else is identical with and without the adversary.
 
@@ -16,7 +17,9 @@ Data and protocol (the database is what the network trains on; queries are never
 - ``fashion-product-small``: real shop photos; queries = a seeded 10% of the ids with an image, database =
   the rest; label = ``articleType``.
 
-Photos are decoded by the pipeline's own decoder and preprocessing (and cached). Relevant = same label. The
+Photos are decoded by the pipeline's own decoder and preprocessing (and cached), and the photo databases
+are ordered by a hash of the item id, so that Hamming ties (broken by database position) favour no class.
+Relevant = same label. The
 bundle's metrics are this protocol's Hamming-ranking metrics (``retrieval_core.eval.hashing``). Seeded,
 resumable (``--resume``), tqdm progress; the bundle indexes with the pipeline as is.
 """
@@ -24,6 +27,7 @@ resumable (``--resume``), tqdm progress; the bundle indexes with the pipeline as
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import time
@@ -49,6 +53,7 @@ from retrieval_core.train.common import (
     config_args_parser,
     config_from_args,
     load_checkpoint,
+    resume_mismatch,
     save_checkpoint,
     work_dir,
 )
@@ -89,6 +94,8 @@ class HashingConfig:
     quant_lambda: float = 0.1  # weight of the quantisation loss
     w_cauchy: float = 1.0
     w_category: float = 1.0
+    w_embedding: float = 0.5  # supervised contrastive loss on the float embedding (its index, LSH and ITQ use it)
+    temperature: float = 0.1  # of that loss
     w_adv: float = 0.1
     no_adversary: bool = False  # DCH: everything else equal
     lr_disc: float = 1e-3
@@ -135,6 +142,18 @@ def _seeded_slice(n: int, limit: int, seed: int) -> np.ndarray:
     if limit <= 0 or limit >= n:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
+
+
+def _id_hash_order(ids: tuple[str, ...], keep: np.ndarray) -> np.ndarray:
+    """``keep`` sorted by the sha256 of each item's id: a fixed database order unrelated to the class.
+
+    Hamming ranking breaks ties by database position (``retrieval_core.eval.hashing``). That is neutral only
+    when the order says nothing about relevance: the photo folders list files class by class, and the shop
+    ids were assigned in catalogue batches (neighbouring ids mostly share an article type), so either
+    order would favour or penalise whole classes inside a tie.
+    """
+    keys = [hashlib.sha256(ids[i].encode()).hexdigest() for i in keep]
+    return keep[np.argsort(keys, kind="stable")]
 
 
 def _decode(files: real_photos.LabelledFiles, keep: np.ndarray, prep: Preprocessing, cfg: HashingConfig, what: str):
@@ -187,7 +206,7 @@ def load_data(cfg: HashingConfig) -> HashingData:
             query_files, db_files = real_photos.fashion_product_split(
                 seed=cfg.split_seed, data_dir=folder("fashion-product-small")
             )
-        keep_db = _seeded_slice(len(db_files), cfg.limit_train, cfg.seed)
+        keep_db = _id_hash_order(db_files.ids, _seeded_slice(len(db_files), cfg.limit_train, cfg.seed))
         keep_query = _seeded_slice(len(query_files), cfg.limit_query, cfg.seed + 1)
         db, db_labels, db_failed = _decode(db_files, keep_db, prep, cfg, f"decode {cfg.dataset} database")
         query, query_labels, query_failed = _decode(query_files, keep_query, prep, cfg, f"decode {cfg.dataset} queries")
@@ -257,6 +276,7 @@ def build_trainer(cfg: HashingConfig, n_classes: int, steps_per_epoch: int) -> T
         "cauchy": create_loss("cauchy", gamma=cfg.gamma),
         "quant": create_loss("cauchy_quantization", gamma=cfg.gamma),
         "adv": create_loss("pair_adversarial"),
+        "embedding": create_loss("supcon", temperature=cfg.temperature),
     }
     trainer = Trainer(cfg, model, optimizer, scheduler, losses)
     if not cfg.no_adversary:
@@ -265,28 +285,42 @@ def build_trainer(cfg: HashingConfig, n_classes: int, steps_per_epoch: int) -> T
     return trainer
 
 
-def training_step(trainer: Trainer, x: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> dict:
-    """One optimiser step of the hashing network (and, for ADSH, first one of the discriminator)."""
+def training_step(trainer: Trainer, x: torch.Tensor, labels: torch.Tensor, pair_gen: torch.Generator) -> dict:
+    """One optimiser step of the hashing network (and, for ADSH, first one of the discriminator).
+
+    ``pair_gen`` draws the adversary's same-class partners; it is not the augmentation stream, so ADSH and
+    DCH runs of one seed see the same augmented batches.
+    """
     cfg, model = trainer.cfg, trainer.model
     out = model(x)
     codes = out["hash"]
     terms = {
         "category": F.cross_entropy(out["category"], labels),
+        "embedding": trainer.losses["embedding"](out["embedding"], labels),
         "cauchy": trainer.losses["cauchy"](codes, labels),
         "quant": trainer.losses["quant"](codes),
     }
-    weights = {"category": cfg.w_category, "cauchy": cfg.w_cauchy, "quant": cfg.quant_lambda}
+    weights = {
+        "category": cfg.w_category,
+        "embedding": cfg.w_embedding,
+        "cauchy": cfg.w_cauchy,
+        "quant": cfg.quant_lambda,
+    }
     if trainer.discriminator is not None:
         adv, disc = trainer.losses["adv"], trainer.discriminator
-        anchors, partners = same_class_partners(labels, gen)
-        d_loss = adv.discriminator_loss(disc, out["embedding"], codes, anchors, partners)
-        trainer.optimizer_disc.zero_grad(set_to_none=True)
-        d_loss.backward()
-        trainer.optimizer_disc.step()
-        # Against the updated discriminator; detached features: the adversary shapes the codes only.
-        terms["adv"] = adv.generator_loss(disc, out["embedding"].detach(), codes, anchors, partners)
-        weights["adv"] = cfg.w_adv
-        terms["disc"] = d_loss.detach()
+        anchors, partners = same_class_partners(labels, pair_gen)
+        # The discriminator sees detached features and codes; the network is trained against it below
+        # with detached features too, so the adversary shapes the codes only and cannot win by blurring
+        # the features. A batch without a same-class pair has nothing to compare: no adversarial step.
+        features = out["embedding"].detach()
+        if anchors.numel():
+            d_loss = adv.discriminator_loss(disc, features, codes.detach(), anchors, partners)
+            trainer.optimizer_disc.zero_grad(set_to_none=True)
+            d_loss.backward()
+            trainer.optimizer_disc.step()
+            terms["disc"] = d_loss.detach()
+            terms["adv"] = adv.generator_loss(disc, features, codes, anchors, partners)
+            weights["adv"] = cfg.w_adv
     total = sum(weights[k] * terms[k] for k in weights)
     trainer.optimizer.zero_grad(set_to_none=True)
     total.backward()
@@ -303,6 +337,7 @@ def train_one_epoch(trainer: Trainer, data: HashingData, epoch: int) -> dict[str
         trainer.discriminator.train()
     rng = np.random.default_rng([cfg.seed, epoch])  # per-epoch streams: a resumed run replays the same batches
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+    pair_gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch + 1_000_000)
     order = rng.permutation(len(data.db_labels))
     steps = len(order) // cfg.batch_size
     sums: dict[str, float] = {}
@@ -311,7 +346,7 @@ def train_one_epoch(trainer: Trainer, data: HashingData, epoch: int) -> dict[str
         idx = np.sort(order[step * cfg.batch_size : (step + 1) * cfg.batch_size])
         x = torch.from_numpy(to_model_input(data.db_pixels[idx], data.prep))
         x = augment(x, gen, **AUGMENT[cfg.dataset])
-        terms = training_step(trainer, x, torch.from_numpy(data.db_labels[idx]), gen)
+        terms = training_step(trainer, x, torch.from_numpy(data.db_labels[idx]), pair_gen)
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v
         bar.set_postfix(loss=f"{terms['total']:.3f}")
@@ -385,13 +420,17 @@ def main(cfg: HashingConfig, data: HashingData | None = None) -> HashingRun:
         raise ValueError(f"{len(data.db_labels)} training images is fewer than one batch of {cfg.batch_size}")
     trainer = build_trainer(cfg, len(data.classes), steps_per_epoch)
 
-    ckpt_path = os.path.join(work_dir(cfg.out, cfg), "checkpoint.pt")
+    ckpt_path = os.path.join(cfg.out.rstrip("/") + ".work", "checkpoint.pt")
     start_epoch, history, train_s = 0, [], 0.0
     ckpt = load_checkpoint(ckpt_path) if cfg.resume else None
     if ckpt is not None:
+        mismatch = resume_mismatch(json.loads(ckpt["config"]), cfg)
+        if mismatch:
+            raise ValueError(f"--resume: {ckpt_path} was written by another configuration ({mismatch})")
         trainer.load_state_dict(ckpt)
         start_epoch, history, train_s = int(ckpt["epoch"]), json.loads(ckpt["history"]), float(ckpt["train_s"])
         print(f"resumed from {ckpt_path} at epoch {start_epoch}")
+    work_dir(cfg.out, cfg)  # the config beside the checkpoint
     for epoch in range(start_epoch, cfg.epochs):
         started = time.perf_counter()
         stats = train_one_epoch(trainer, data, epoch)
@@ -399,7 +438,14 @@ def main(cfg: HashingConfig, data: HashingData | None = None) -> HashingRun:
         history.append({"epoch": epoch + 1, **{f"loss_{k}": round(v, 4) for k, v in stats.items()}})
         print(json.dumps(history[-1]))
         save_checkpoint(
-            ckpt_path, {**trainer.state_dict(), "epoch": epoch + 1, "history": json.dumps(history), "train_s": train_s}
+            ckpt_path,
+            {
+                **trainer.state_dict(),
+                "epoch": epoch + 1,
+                "history": json.dumps(history),
+                "train_s": train_s,
+                "config": json.dumps(asdict(cfg)),
+            },
         )
 
     bundle = BundleConfig(
