@@ -77,6 +77,10 @@ def _row(method: str, cfg: hashing.HashingConfig, data: hashing.HashingData, bit
     }
 
 
+def _show(row: dict) -> None:
+    print(json.dumps({k: v for k, v in row.items() if k != "_curves"}))
+
+
 def projection_rows(backbone: hashing.HashingRun, cfg, data, bits_list) -> list[dict]:
     """LSH and ITQ at every bit length on the backbone's float embeddings (fitted on the database)."""
     rows = []
@@ -104,7 +108,7 @@ def projection_rows(backbone: hashing.HashingRun, cfg, data, bits_list) -> list[
                     encode_s=round(backbone.encode_s + project_s, 2),
                 )
             )
-            print(json.dumps(rows[-1]))
+            _show(rows[-1])
     return rows
 
 
@@ -143,7 +147,7 @@ def run_dataset(dataset: str, args, artifacts: str) -> list[dict]:
                     method, cfg, data, bits, run.metrics, train_s=round(run.train_s, 1), encode_s=round(run.encode_s, 2)
                 )
             )
-            print(json.dumps(rows[-1]))
+            _show(rows[-1])
     return rows
 
 
