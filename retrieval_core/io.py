@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 from apache_beam.io.filesystems import FileSystems
 
@@ -188,24 +188,34 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
     which a serving process running as another user could not read).
     """
     if is_local(path):
-        path = local_path(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-        try:
-            os.fchmod(fd, FILE_MODE)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_local_file(local_path(path)) as f:
+            f.write(data)
         return
     with FileSystems.create(path) as f:
         f.write(data)
+
+
+@contextlib.contextmanager
+def atomic_local_file(path: str, suffix: str = "") -> Iterator[BinaryIO]:
+    """A binary file that appears at ``path`` complete (fsync, then ``os.replace``) when the block ends.
+
+    It is written under a temporary name beside ``path``, with the mode ``open(path, "w")`` would give;
+    an exception in the block removes it and leaves ``path`` as it was.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
+    try:
+        os.fchmod(fd, FILE_MODE)
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def read_parquet(path: str, columns: list[str] | None = None, missing_ok: bool = False):

@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,22 +242,10 @@ def decode_files(
 
 def _save_cache(path: str, pixels: np.ndarray, ok: np.ndarray) -> None:
     """Write the cache atomically (temp file + ``os.replace``): readers never see a half-written one."""
-    from retrieval_core.io import FILE_MODE
+    from retrieval_core.io import atomic_local_file
 
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
-    try:
-        os.fchmod(fd, FILE_MODE)
-        with os.fdopen(fd, "wb") as f:  # straight to disk: a BytesIO would double the memory of a large cache
-            np.savez(f, pixels=pixels, ok=ok)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_local_file(path, suffix=".npz") as f:  # straight to disk: a BytesIO would double the memory
+        np.savez(f, pixels=pixels, ok=ok)
 
 
 def _load_cache(path: str, n: int, size: int) -> tuple[np.ndarray, np.ndarray] | None:
