@@ -485,8 +485,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def cli(argv: list[str] | None = None) -> int:
     cfg = config_from_args(HashingConfig, get_args_parser().parse_args(argv))
     try:
-        cfg.validate()
-        main(cfg)
+        main(cfg)  # validates the config first
     except (ValueError, fashion_mnist.FashionMNISTError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     return 0
