@@ -1,5 +1,6 @@
 """Loss modules, one family per file, created by name through ``create_loss``."""
 
+from retrieval_core.losses.gsn import GridScoreLoss, GridSoftmaxLoss
 from retrieval_core.losses.hashing import CauchyHashingLoss, CauchyQuantizationLoss, PairAdversarialLoss
 from retrieval_core.losses.metric import QuantizationLoss, SupConLoss
 
@@ -9,6 +10,8 @@ _LOSSES = {
     "cauchy": CauchyHashingLoss,
     "cauchy_quantization": CauchyQuantizationLoss,
     "pair_adversarial": PairAdversarialLoss,
+    "gsn_score": GridScoreLoss,
+    "gsn_softmax": GridSoftmaxLoss,
 }
 
 
@@ -23,6 +26,8 @@ def create_loss(name: str, **config):
 __all__ = [
     "CauchyHashingLoss",
     "CauchyQuantizationLoss",
+    "GridScoreLoss",
+    "GridSoftmaxLoss",
     "PairAdversarialLoss",
     "QuantizationLoss",
     "SupConLoss",
