@@ -13,8 +13,10 @@ from retrieval_core.losses.hashing import (
     CauchyHashingLoss,
     CauchyQuantizationLoss,
     PairAdversarialLoss,
+    PriorAdversarialLoss,
     relaxed_hamming_distance,
     same_class_partners,
+    straight_through_sign,
 )
 from retrieval_core.models.hashing import CodePairDiscriminator
 from retrieval_core.models.projection_hashing import ITQ, LSH
@@ -102,6 +104,7 @@ def test_losses_by_name_and_bad_gamma():
     assert isinstance(create_loss("cauchy", gamma=10.0), CauchyHashingLoss)
     assert isinstance(create_loss("cauchy_quantization"), CauchyQuantizationLoss)
     assert isinstance(create_loss("pair_adversarial"), PairAdversarialLoss)
+    assert create_loss("prior_adversarial", binary=True).binary
     with pytest.raises(ValueError):
         CauchyHashingLoss(gamma=0.0)
 
@@ -160,6 +163,58 @@ def test_adversary_gradients_go_where_they_should():
     none = torch.tensor([], dtype=torch.long)
     with pytest.raises(ValueError, match="same-class pair"):
         PairAdversarialLoss().discriminator_loss(disc, features, codes, none, none)
+
+
+def test_straight_through_sign_is_sign_forward_and_identity_backward():
+    h = torch.tensor([[-0.3, 0.2, 0.9], [0.5, -0.7, -0.1]], requires_grad=True)
+    out = straight_through_sign(h)
+    assert out.tolist() == [[-1.0, 1.0, 1.0], [1.0, -1.0, -1.0]]
+    (out * torch.arange(6.0).reshape(2, 3)).sum().backward()
+    assert h.grad.tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+
+
+def test_a_binary_pair_adversary_judges_sign_codes():
+    torch.manual_seed(2)
+    disc = CodePairDiscriminator(feature_dim=4, bits=8, hidden=6)
+    features = torch.randn(5, 4)
+    codes = torch.tanh(torch.randn(5, 8)).requires_grad_()
+    anchors, partners = torch.tensor([0, 1, 3]), torch.tensor([1, 0, 4])
+    binary, relaxed = PairAdversarialLoss(binary=True), PairAdversarialLoss()
+    signs = torch.sign(codes.detach())
+    for name in ("discriminator_loss", "generator_loss"):
+        got = getattr(binary, name)(disc, features, codes, anchors, partners)
+        want = getattr(relaxed, name)(disc, features, signs, anchors, partners)
+        assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-6)
+    binary.generator_loss(disc, features, codes, anchors, partners).backward()
+    assert codes.grad.abs().sum() > 0  # the straight-through gradient reaches the relaxed codes
+
+
+def test_prior_adversary_matches_naive_loop_and_draws_balanced_codes():
+    torch.manual_seed(3)
+    disc = CodePairDiscriminator(feature_dim=0, bits=8, hidden=6)
+    codes = torch.tanh(torch.randn(6, 8)).requires_grad_()
+    prior = PriorAdversarialLoss.sample_prior(codes, torch.Generator().manual_seed(0))
+    assert set(prior.unique().tolist()) == {-1.0, 1.0} and prior.shape == codes.shape
+
+    @torch.no_grad()
+    def logit(code):
+        return float(disc.net(code[None]))  # no feature columns at all
+
+    adv = PriorAdversarialLoss()
+    d_naive = 0.5 * (
+        sum(naive_bce(logit(p), 1) for p in prior) / 6 + sum(naive_bce(logit(c), 0) for c in codes.detach()) / 6
+    )
+    g_naive = sum(naive_bce(logit(c), 1) for c in codes.detach()) / 6
+    d_loss = adv.discriminator_loss(disc, codes, prior)
+    assert float(d_loss) == pytest.approx(d_naive, rel=1e-5)
+    d_loss.backward()
+    assert codes.grad is None  # the discriminator's loss trains the discriminator only
+    g_loss = adv.generator_loss(disc, codes)
+    assert float(g_loss) == pytest.approx(g_naive, rel=1e-5)
+    g_loss.backward()
+    assert codes.grad.abs().sum() > 0
+    draws = PriorAdversarialLoss.sample_prior(torch.zeros(4000, 8), torch.Generator().manual_seed(1))
+    assert draws.mean(dim=0).abs().max() < 0.06  # every bit balanced
 
 
 def clustered(n: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -117,6 +117,22 @@ def test_adsh_and_dch_see_the_same_batches(tmp_path, data, monkeypatch):
     assert all(torch.equal(a, d) for a, d in zip(seen["adsh"], seen["dch"]))
 
 
+@pytest.mark.parametrize("overrides", [{"adversary": "prior"}, {"adv_binary": True}])
+def test_adversary_variants_train_their_own_discriminator(tmp_path, data, overrides):
+    cfg = tiny_config(tmp_path, "v", epochs=1, **overrides)
+    trainer = hashing.build_trainer(cfg, n_classes=3, steps_per_epoch=6)
+    assert trainer.discriminator.net[0].in_features == cfg.bits + (0 if cfg.adversary == "prior" else 16)
+    before = [p.detach().clone() for p in trainer.discriminator.parameters()]
+    terms = hashing.training_step(trainer, torch.randn(8, 3, 28, 28), torch.tensor([0, 1] * 4), torch.Generator())
+    assert {"adv", "disc"} <= set(terms) and np.isfinite(terms["total"])
+    assert any(not torch.equal(b, p) for b, p in zip(before, trainer.discriminator.parameters()))
+    run = hashing.main(cfg, data)
+    assert (
+        run.bundle.training["method"] == "adsh"
+        and run.bundle.training["config"] | overrides == run.bundle.training["config"]
+    )
+
+
 def test_photo_databases_are_ordered_by_id_hash():
     ids = ("b", "a", "c", "d")
     order = hashing._id_hash_order(ids, np.arange(4))
@@ -141,6 +157,8 @@ def test_training_separates_the_classes(tmp_path, data):
 def test_bad_settings_are_refused(tmp_path):
     with pytest.raises(SystemExit, match="multiple of 8"):
         hashing.cli(["--bits", "12", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="adversary"):
+        hashing.cli(["--adversary", "gan", "--out", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="dataset"):
         hashing.cli(["--dataset", "mnist", "--out", str(tmp_path / "x")])
 

@@ -1,7 +1,12 @@
 """Loss modules, one family per file, created by name through ``create_loss``."""
 
 from retrieval_core.losses.gsn import GridScoreLoss, GridSoftmaxLoss
-from retrieval_core.losses.hashing import CauchyHashingLoss, CauchyQuantizationLoss, PairAdversarialLoss
+from retrieval_core.losses.hashing import (
+    CauchyHashingLoss,
+    CauchyQuantizationLoss,
+    PairAdversarialLoss,
+    PriorAdversarialLoss,
+)
 from retrieval_core.losses.metric import QuantizationLoss, SupConLoss
 
 _LOSSES = {
@@ -10,6 +15,7 @@ _LOSSES = {
     "cauchy": CauchyHashingLoss,
     "cauchy_quantization": CauchyQuantizationLoss,
     "pair_adversarial": PairAdversarialLoss,
+    "prior_adversarial": PriorAdversarialLoss,
     "gsn_score": GridScoreLoss,
     "gsn_softmax": GridSoftmaxLoss,
 }
@@ -29,6 +35,7 @@ __all__ = [
     "GridScoreLoss",
     "GridSoftmaxLoss",
     "PairAdversarialLoss",
+    "PriorAdversarialLoss",
     "QuantizationLoss",
     "SupConLoss",
     "create_loss",

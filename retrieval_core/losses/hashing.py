@@ -109,6 +109,15 @@ def same_class_partners(labels: torch.Tensor, generator: torch.Generator | None 
     return anchors, partners
 
 
+def straight_through_sign(codes: torch.Tensor) -> torch.Tensor:
+    """``sign(codes)`` forward, the identity backward: what a binary code looks like, with a usable gradient."""
+    return codes + (torch.sign(codes) - codes).detach()
+
+
+def _binarised(codes: torch.Tensor, binary: bool) -> torch.Tensor:
+    return straight_through_sign(codes) if binary else codes
+
+
 class PairAdversarialLoss(nn.Module):
     """ADSH's adversary: a discriminator tells an image's own code from the code of a same-class image.
 
@@ -122,9 +131,18 @@ class PairAdversarialLoss(nn.Module):
     gradients reach whatever it is given (the training job passes detached features, so the adversary
     shapes the codes and cannot win by blurring the features). Both need at least one anchor: the caller
     skips the adversarial step for a batch without a same-class pair.
+
+    Args:
+        binary: show the discriminator ``sign(h)`` (straight-through gradient) instead of the relaxed code,
+            so it judges the codes that are indexed, not sub-threshold differences the sign throws away.
     """
 
+    def __init__(self, binary: bool = False) -> None:
+        super().__init__()
+        self.binary = binary
+
     def _logits(self, discriminator: nn.Module, features, codes, anchors, partners) -> tuple[torch.Tensor, ...]:
+        codes = _binarised(codes, self.binary)
         real = discriminator(features[anchors], codes[anchors])
         swapped = discriminator(features[anchors], codes[partners])
         return real.flatten(), swapped.flatten()
@@ -150,3 +168,41 @@ class PairAdversarialLoss(nn.Module):
             F.binary_cross_entropy_with_logits(real, torch.zeros_like(real))
             + F.binary_cross_entropy_with_logits(swapped, torch.ones_like(swapped))
         )
+
+
+class PriorAdversarialLoss(nn.Module):
+    """The alternative adversary of METHODS.md: a discriminator tells codes from draws of a uniform +-1 prior.
+
+    Fooling it makes every bit balanced, independent of the others and saturated at +-1, which is what a
+    Hamming index wants from its codes; it says nothing about classes (the pairwise loss does that). The
+    discriminator is conditioned on nothing: it is called with ``features[:, :0]``, so a
+    ``CodePairDiscriminator`` with ``feature_dim=0`` serves.
+
+    Args:
+        binary: as for ``PairAdversarialLoss`` (the prior draws are binary already).
+    """
+
+    def __init__(self, binary: bool = False) -> None:
+        super().__init__()
+        self.binary = binary
+
+    @staticmethod
+    def sample_prior(like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Uniform +-1 codes of ``like``'s shape, dtype and device."""
+        bits = torch.randint(0, 2, like.shape, generator=generator).to(like.device, like.dtype)
+        return bits * 2.0 - 1.0
+
+    def _logits(self, discriminator: nn.Module, codes: torch.Tensor, prior: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        nothing = codes[:, :0]
+        return discriminator(nothing, prior).flatten(), discriminator(nothing, _binarised(codes, self.binary)).flatten()
+
+    def discriminator_loss(self, discriminator: nn.Module, codes: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+        real, fake = self._logits(discriminator, codes.detach(), prior)
+        return 0.5 * (
+            F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
+            + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
+        )
+
+    def generator_loss(self, discriminator: nn.Module, codes: torch.Tensor) -> torch.Tensor:
+        fake = discriminator(codes[:, :0], _binarised(codes, self.binary)).flatten()
+        return F.binary_cross_entropy_with_logits(fake, torch.ones_like(fake))

@@ -15,7 +15,8 @@ class CodePairDiscriminator(nn.Module):
     """MLP on ``[feature, code]`` -> one logit ("this code is this image's own").
 
     Args:
-        feature_dim: size of the image feature (the network's embedding).
+        feature_dim: size of the image feature (the network's embedding); 0 for an unconditioned critic
+            of the codes alone (the prior adversary), called with an ``(n, 0)`` feature tensor.
         bits: code length K.
         hidden: width of the two hidden layers.
     """

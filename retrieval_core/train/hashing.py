@@ -59,6 +59,7 @@ from retrieval_core.train.common import (
 )
 
 DATASETS = ("fashion-mnist", "clothing-small", "fashion-product-small")
+ADVERSARIES = ("pair", "prior")
 PROTOCOLS = {
     "fashion-mnist": "test-vs-train-same-class",
     "clothing-small": "validation-vs-train-same-class",
@@ -98,6 +99,8 @@ class HashingConfig:
     temperature: float = 0.1  # of that loss
     w_adv: float = 0.1
     no_adversary: bool = False  # DCH: everything else equal
+    adversary: str = "pair"  # pair: own code vs a same-class image's code; prior: codes vs uniform +-1 draws
+    adv_binary: bool = False  # the discriminator sees sign(h) (straight-through) instead of tanh codes
     lr_disc: float = 1e-3
     disc_hidden: int = 256
     limit_train: int = 0  # > 0: a seeded random slice of the database (for quick runs)
@@ -118,6 +121,8 @@ class HashingConfig:
             raise ValueError(f"--dataset must be one of {DATASETS}, got {self.dataset!r}")
         if self.bits <= 0 or self.bits % 8:
             raise ValueError(f"--bits must be a positive multiple of 8 (codes are stored as bytes), got {self.bits}")
+        if self.adversary not in ADVERSARIES:
+            raise ValueError(f"--adversary must be one of {ADVERSARIES}, got {self.adversary!r}")
         if self.epochs < 1 or self.batch_size < 2:
             raise ValueError("--epochs must be >= 1 and --batch_size >= 2")
 
@@ -275,12 +280,13 @@ def build_trainer(cfg: HashingConfig, n_classes: int, steps_per_epoch: int) -> T
     losses = {
         "cauchy": create_loss("cauchy", gamma=cfg.gamma),
         "quant": create_loss("cauchy_quantization", gamma=cfg.gamma),
-        "adv": create_loss("pair_adversarial"),
+        "adv": create_loss(f"{cfg.adversary}_adversarial", binary=cfg.adv_binary),
         "embedding": create_loss("supcon", temperature=cfg.temperature),
     }
     trainer = Trainer(cfg, model, optimizer, scheduler, losses)
     if not cfg.no_adversary:
-        trainer.discriminator = CodePairDiscriminator(cfg.embedding_dim, cfg.bits, cfg.disc_hidden)
+        feature_dim = cfg.embedding_dim if cfg.adversary == "pair" else 0
+        trainer.discriminator = CodePairDiscriminator(feature_dim, cfg.bits, cfg.disc_hidden)
         trainer.optimizer_disc = torch.optim.Adam(trainer.discriminator.parameters(), lr=cfg.lr_disc, betas=(0.5, 0.9))
     return trainer
 
@@ -288,8 +294,8 @@ def build_trainer(cfg: HashingConfig, n_classes: int, steps_per_epoch: int) -> T
 def training_step(trainer: Trainer, x: torch.Tensor, labels: torch.Tensor, pair_gen: torch.Generator) -> dict:
     """One optimiser step of the hashing network (and, for ADSH, first one of the discriminator).
 
-    ``pair_gen`` draws the adversary's same-class partners; it is not the augmentation stream, so ADSH and
-    DCH runs of one seed see the same augmented batches.
+    ``pair_gen`` draws the adversary's same-class partners (or its prior codes); it is not the augmentation
+    stream, so ADSH and DCH runs of one seed see the same augmented batches.
     """
     cfg, model = trainer.cfg, trainer.model
     out = model(x)
@@ -308,18 +314,22 @@ def training_step(trainer: Trainer, x: torch.Tensor, labels: torch.Tensor, pair_
     }
     if trainer.discriminator is not None:
         adv, disc = trainer.losses["adv"], trainer.discriminator
-        anchors, partners = same_class_partners(labels, pair_gen)
-        # The discriminator sees detached features and codes; the network is trained against it below
-        # with detached features too, so the adversary shapes the codes only and cannot win by blurring
-        # the features. A batch without a same-class pair has nothing to compare: no adversarial step.
-        features = out["embedding"].detach()
-        if anchors.numel():
-            d_loss = adv.discriminator_loss(disc, features, codes.detach(), anchors, partners)
+        if cfg.adversary == "prior":  # codes against uniform +-1 draws; the losses detach what they must
+            d_args, g_args = (codes, adv.sample_prior(codes, pair_gen)), (codes,)
+        else:
+            anchors, partners = same_class_partners(labels, pair_gen)
+            # The discriminator sees detached features and codes; the network is trained against it below
+            # with detached features too, so the adversary shapes the codes only and cannot win by blurring
+            # the features. A batch without a same-class pair has nothing to compare: no adversarial step.
+            features = out["embedding"].detach()
+            d_args = g_args = (features, codes, anchors, partners) if anchors.numel() else None
+        if d_args is not None:
+            d_loss = adv.discriminator_loss(disc, *d_args)
             trainer.optimizer_disc.zero_grad(set_to_none=True)
             d_loss.backward()
             trainer.optimizer_disc.step()
             terms["disc"] = d_loss.detach()
-            terms["adv"] = adv.generator_loss(disc, features, codes, anchors, partners)
+            terms["adv"] = adv.generator_loss(disc, *g_args)
             weights["adv"] = cfg.w_adv
     total = sum(weights[k] * terms[k] for k in weights)
     trainer.optimizer.zero_grad(set_to_none=True)
