@@ -8,7 +8,7 @@ ART    ?= artifacts
 RUNNER ?= apache_beam.runners.portability.fn_api_runner.FnApiRunner
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data index train-baseline bench bench-index bench-throughput bench-hamming bench-hashing bench-incremental test lint clean
+.PHONY: help setup data index train-baseline bench bench-index bench-throughput bench-hamming bench-hashing bench-hashing-ablation bench-incremental test lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -54,6 +54,9 @@ bench-hamming: $(STAMP)  ## Hamming radius-2 and k-NN search, multi-index hashin
 
 bench-hashing: $(STAMP)  ## ADSH vs DCH, ITQ, LSH at 16-64 bits on Fashion-MNIST and the real photos (~2 h; --quick: minutes)
 	$(PY) -m bench.hashing --artifacts $(ART) $(BENCH_ARGS)
+
+bench-hashing-ablation: $(STAMP)  ## the ADSH adversary's variants vs DCH, 3 seeds, Fashion-MNIST slices (~25 min)
+	$(PY) -m bench.hashing_ablation --artifacts $(ART) $(BENCH_ARGS)
 
 bench-incremental: $(STAMP) $(BUNDLE)  ## wall time of a 1%-changed nightly run vs a full run, 10,000 images
 	$(PY) -m bench.incremental --artifacts $(ART) $(BENCH_ARGS)

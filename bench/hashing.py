@@ -192,14 +192,20 @@ def markdown(rows: list[dict], skipped: dict[str, str], quick: bool) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def update_doc(path: str, section: str) -> None:
-    """Replace the text between the bench-hashing markers of ``path`` (appending the markers if absent)."""
+def update_doc(
+    path: str,
+    section: str,
+    markers: tuple[str, str] = (BEGIN, END),
+    title: str = "`make bench-hashing`: deep semantic hashing",
+) -> None:
+    """Replace the text between ``markers`` in ``path`` (appending a ``title`` heading and the markers if absent)."""
+    begin, end = markers
     text = open(path).read() if os.path.exists(path) else "# Results\n"
-    block = f"{BEGIN}\n{section}{END}"
-    if BEGIN in text and END in text:
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+    block = f"{begin}\n{section}{end}"
+    if begin in text and end in text:
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
     else:
-        text = text.rstrip() + "\n\n## `make bench-hashing`: deep semantic hashing\n\n" + block + "\n"
+        text = text.rstrip() + f"\n\n## {title}\n\n" + block + "\n"
     with open(path, "w") as f:
         f.write(text)
 

@@ -47,3 +47,29 @@ def test_tiny_hashing_bench(tmp_path):
     assert "old table" not in text and "kept above" in text and "kept below" in text
     assert "| 16 | adsh |" in text and "### fashion-mnist" in text and "### fashion-product-small" in text
     assert "clothing-small: skipped" in text  # the empty data dir has no clothing photos
+
+
+def test_tiny_ablation_bench(tmp_path):
+    from bench import hashing_ablation
+
+    try:
+        fashion_mnist.find_dir()
+    except fashion_mnist.FashionMNISTError as e:
+        pytest.skip(f"real Fashion-MNIST not installed (make data): {e}")
+    out, doc = tmp_path / "ablation.json", tmp_path / "results.md"
+    doc.write_text("# Results\n\nkept\n")
+    argv = ["--quick", "--variants", "dch", "adsh-binary", "adsh-prior", "--seeds", "0", "1", "--bits", "16"]
+    assert (
+        hashing_ablation.main([*argv, "--artifacts", str(tmp_path / "art"), "--out", str(out), "--doc", str(doc)]) == 0
+    )
+    rows = json.loads(out.read_text())
+    assert [(r["method"], r["seed"]) for r in rows] == [
+        (m, s) for s in (0, 1) for m in ("dch", "adsh-binary", "adsh-prior")
+    ]
+    assert rows[1]["overrides"] == {"adv_binary": True} and all(0 <= r["map_all"] <= 1 for r in rows)
+    assert rows[0]["database_size"] == 512 and rows[0]["machine"]
+    text = doc.read_text()
+    assert text.startswith("# Results\n\nkept\n") and "| adsh-prior | adversary=prior |" in text
+    assert text.count("bench-hashing-ablation:begin") == 1
+    gap = rows[2]["map_all"] - rows[0]["map_all"]
+    assert f"{gap:+.4f}" in text  # the per-seed gap to DCH
