@@ -2,10 +2,17 @@
 
 ``bundle.json`` says everything needed to rebuild and use the model: the
 registered architecture name and its config, the preprocessing, the output
-sizes, the class and attribute vocabularies, training metadata, and the
-``model_id``: a digest of the weights and of everything that changes what the
-model outputs. Weights load with ``torch.load(weights_only=True)``, so a bundle
-cannot run code on the machine that opens it.
+sizes, the class and attribute vocabularies, an optional elementwise embedding
+transform (an expression, see :mod:`retrieval_core.embedding_transform`),
+training metadata, and the ``model_id``: a digest of the weights and of
+everything that changes what the model outputs. Weights load with
+``torch.load(weights_only=True)``, so a bundle cannot run code on the machine
+that opens it.
+
+``format_version`` is the oldest format that can express the bundle: 1 without
+an embedding transform (such a file is exactly what code from before transforms
+writes and reads), 2 with one, so code that would ignore the transform, and
+silently produce other embeddings, refuses the bundle instead.
 """
 
 from __future__ import annotations
@@ -23,10 +30,14 @@ import torch
 from torch import nn
 
 from retrieval_core import io as rio
+from retrieval_core.embedding_transform import EmbeddingTransformError, parse_embedding_transform
 from retrieval_core.models import create_model
 from retrieval_core.preprocess import Preprocessing
 
-BUNDLE_FORMAT = 1
+BUNDLE_FORMAT = 2
+"""Newest format this code reads and writes; it reads every format from 1 on."""
+TRANSFORM_FORMAT = 2
+"""First format with ``embedding_transform``."""
 CONFIG_FILE = "bundle.json"
 WEIGHTS_FILE = "weights.pt"
 
@@ -37,7 +48,15 @@ class BundleError(ValueError):
 
 @dataclass(frozen=True)
 class BundleConfig:
-    """The contents of ``bundle.json``."""
+    """The contents of ``bundle.json``.
+
+    ``embedding_transform`` is the canonical text of an expression over ``x`` applied elementwise to the
+    L2-normalised embedding before it is normalised again and indexed or searched; "" for none.
+    ``format_version`` is derived from the contents (see the module docstring), never passed.
+
+    Raises:
+        BundleError: an ``embedding_transform`` that is not a string or fails ``parse_embedding_transform``.
+    """
 
     model_name: str
     model_config: dict
@@ -49,11 +68,25 @@ class BundleConfig:
     model_id: str = ""
     training: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
-    format_version: int = BUNDLE_FORMAT
+    embedding_transform: str = ""
+    format_version: int = field(default=1, init=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.embedding_transform, str):
+            raise BundleError(f"embedding_transform must be a string, got {self.embedding_transform!r}")
+        if self.embedding_transform:
+            try:
+                parse_embedding_transform(self.embedding_transform)
+            except EmbeddingTransformError as e:
+                raise BundleError(f"bad embedding_transform: {e}") from e
+        object.__setattr__(self, "format_version", TRANSFORM_FORMAT if self.embedding_transform else 1)
 
     def identity(self) -> dict:
-        """What, with the weights, determines the model's outputs (training metadata excluded)."""
-        return {
+        """What, with the weights, determines the model's outputs (training metadata excluded).
+
+        ``embedding_transform`` is included only when set, so a bundle without one keeps the id it always had.
+        """
+        identity = {
             "model_name": self.model_name,
             "model_config": self.model_config,
             "preprocessing": self.preprocessing.to_dict(),
@@ -62,22 +95,37 @@ class BundleConfig:
             "categories": list(self.categories),
             "attributes": {k: list(v) for k, v in self.attributes.items()},
         }
+        if self.embedding_transform:
+            identity["embedding_transform"] = self.embedding_transform
+        return identity
 
     def to_json(self) -> str:
         d = asdict(self)
         d["preprocessing"] = self.preprocessing.to_dict()
+        if not self.embedding_transform:
+            del d["embedding_transform"]  # a format-1 file, as code from before transforms writes it
         return json.dumps(d, indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_json(cls, text: str | bytes) -> BundleConfig:
         try:
             d = json.loads(text)
-            if d.get("format_version") != BUNDLE_FORMAT:
-                raise BundleError(f"bundle format {d.get('format_version')} is not {BUNDLE_FORMAT}")
+            version = d.pop("format_version", None)
+            if type(version) is not int or not 1 <= version <= BUNDLE_FORMAT:
+                raise BundleError(
+                    f"bundle format {version!r} is not one this code reads (1 to {BUNDLE_FORMAT}): "
+                    "a newer format needs newer code"
+                )
             d["preprocessing"] = Preprocessing.from_dict(d["preprocessing"])
             d["categories"] = tuple(d["categories"])
             d["attributes"] = {k: tuple(v) for k, v in d.get("attributes", {}).items()}
-            return cls(**d)
+            config = cls(**d)
+            if config.format_version != version:
+                raise BundleError(
+                    f"{CONFIG_FILE} says format {version}, but its contents are format {config.format_version} "
+                    f"(embedding_transform needs format {TRANSFORM_FORMAT})"
+                )
+            return config
         except BundleError:
             raise
         except (KeyError, TypeError, ValueError) as e:

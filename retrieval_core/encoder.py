@@ -10,6 +10,11 @@ import numpy as np
 import torch
 
 from retrieval_core.bundle import BundleConfig, load_bundle
+from retrieval_core.embedding_transform import (
+    EmbeddingTransformError,
+    apply_embedding_transform,
+    parse_embedding_transform,
+)
 from retrieval_core.preprocess import to_model_input
 
 
@@ -75,7 +80,7 @@ def pack_codes(signs: np.ndarray) -> np.ndarray:
 class EncodedBatch:
     """Model outputs for a batch, as plain numpy."""
 
-    embeddings: np.ndarray  # (N, D) float32, L2-normalised
+    embeddings: np.ndarray  # (N, D) float32, L2-normalised (after the bundle's embedding transform, if any)
     codes: np.ndarray  # (N, K/8) uint8
     category: list[str]
     category_score: np.ndarray  # (N,) float32 softmax probability of the predicted category
@@ -91,6 +96,9 @@ class Encoder:
         self.device = device
         # Mixed precision only where it pays and is safe: CUDA.
         self.autocast = device.startswith("cuda")
+        # Parsed once here, not per batch (the config has already validated it).
+        transform = config.embedding_transform
+        self.embedding_transform = parse_embedding_transform(transform) if transform else None
 
     @classmethod
     def from_bundle(cls, bundle_dir: str, device: str = "cpu") -> Encoder:
@@ -102,11 +110,28 @@ class Encoder:
         return cls(config, model, device)
 
     def encode(self, pixels: np.ndarray | list[np.ndarray]) -> EncodedBatch:
-        """Encode a batch of images already resized to the bundle's input size."""
+        """Encode a batch of images already resized to the bundle's input size.
+
+        With an ``embedding_transform`` in the bundle, the embeddings are
+        ``apply_embedding_transform(raw, transform)``: f on the L2-normalised embedding, normalised again.
+
+        Raises:
+            EmbeddingTransformError: the transform is not finite on some image's embedding, or maps it to the zero
+                vector. The whole batch fails: in the pipeline each of its images becomes a dead-letter row
+                (stage ``inference``, this error type and message), and a query fails with this error. The
+                transform was checked on [-1, 1] when the bundle was read, so this needs a transform that
+                vanishes where an embedding lies entirely, e.g. ``sub(x, abs(x))`` on an all-positive one.
+        """
         x = torch.from_numpy(to_model_input(np.stack(list(pixels)), self.config.preprocessing)).to(self.device)
         with torch.inference_mode(), torch.autocast("cuda", enabled=self.autocast):
             out = self.model(x)
-        emb = torch.nn.functional.normalize(out["embedding"].float(), dim=1).cpu().numpy()
+        if self.embedding_transform is None:
+            emb = torch.nn.functional.normalize(out["embedding"].float(), dim=1).cpu().numpy()
+        else:
+            try:
+                emb = apply_embedding_transform(out["embedding"].float().cpu().numpy(), self.embedding_transform)
+            except EmbeddingTransformError as e:
+                raise EmbeddingTransformError(f"bundle {self.config.model_id}: {e}") from e
         codes = pack_codes(out["hash"].float().cpu().numpy())
         probs = out["category"].float().softmax(dim=1).cpu()
         score, idx = probs.max(dim=1)

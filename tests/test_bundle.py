@@ -11,9 +11,18 @@ import pytest
 import torch
 from conftest import make_tiny_bundle
 
-from retrieval_core.bundle import BundleError, compute_model_id, load_bundle, read_bundle_config
+from retrieval_core.bundle import (
+    BundleConfig,
+    BundleError,
+    compute_model_id,
+    load_bundle,
+    read_bundle_config,
+    save_bundle,
+    verify_bundle,
+)
 from retrieval_core.encoder import Encoder, pack_codes, resolve_device
 from retrieval_core.models import create_model, list_models
+from retrieval_core.preprocess import Preprocessing
 
 
 def test_round_trip_and_model_id(tmp_path):
@@ -121,3 +130,75 @@ def test_written_files_and_bundles_get_the_umask_mode(tmp_path, tiny_bundle):
     current = os.umask(mask)  # the value read from /proc is the real one
     os.umask(current)
     assert current == mask
+
+
+def _config(**changes) -> BundleConfig:
+    config = BundleConfig(
+        model_name="baseline_cnn",
+        model_config={"embedding_dim": 16},
+        preprocessing=Preprocessing(image_size=32),
+        embedding_dim=16,
+        hash_bits=16,
+        categories=("a", "b", "c"),
+        attributes={"colour": ("red", "blue")},
+    )
+    return dataclasses.replace(config, **changes)
+
+
+def test_a_bundle_without_transform_keeps_its_model_id_and_format():
+    """Bundles written before embedding transforms existed keep their ids and stay format-1 files."""
+    config = _config()
+    assert compute_model_id(config, b"weights") == "baseline_cnn-c8c79b2bb2798ba5"  # computed before the field existed
+    d = json.loads(config.to_json())
+    assert d["format_version"] == 1 and "embedding_transform" not in d
+    assert "embedding_transform" not in config.identity()
+    assert BundleConfig.from_json(json.dumps(d)) == config
+
+
+def test_embedding_transform_round_trip_and_model_id(tmp_path, tiny_bundle):
+    config, model = load_bundle(tiny_bundle[0])
+    a = save_bundle(str(tmp_path / "a"), model, dataclasses.replace(config, embedding_transform="mul(tanh(x), x)"))
+    b = save_bundle(str(tmp_path / "b"), model, dataclasses.replace(config, embedding_transform="sign(x)"))
+    assert a.format_version == 2 and config.format_version == 1
+    assert len({config.model_id, a.model_id, b.model_id}) == 3  # the transform is part of the model id
+    assert verify_bundle(str(tmp_path / "a")) == a and a.embedding_transform == "mul(tanh(x), x)"
+    # Dropping the transform gives the untransformed model's id back.
+    assert save_bundle(str(tmp_path / "c"), model, dataclasses.replace(a, embedding_transform="")) == config
+    # Editing the transform in place is caught like any other edit.
+    path = tmp_path / "a" / "bundle.json"
+    path.write_text(path.read_text().replace("mul(tanh(x), x)", "tanh(x)"))
+    with pytest.raises(BundleError, match="do not match model_id"):
+        verify_bundle(str(tmp_path / "a"))
+
+
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ("tanh(y)", "unknown variable"),
+        ("relu(x)", "unknown operator"),
+        ("mul(tanh(x),x)", "not canonical: write it as 'mul\\(tanh\\(x\\), x\\)'"),
+        ("tanh(2)", "does not use x"),
+        ("sub(x, x)", "zero on all of"),
+        ("cube(cube(cube(cube(exp(exp(x))))))", "not finite on \\[-1, 1\\]"),
+        (3, "must be a string"),
+    ],
+)
+def test_a_bad_embedding_transform_is_refused(text, why):
+    with pytest.raises(BundleError, match=why):
+        _config(embedding_transform=text)
+    d = json.loads(_config(embedding_transform="tanh(x)").to_json())
+    with pytest.raises(BundleError, match=why):
+        BundleConfig.from_json(json.dumps({**d, "embedding_transform": text}))
+
+
+def test_format_version_must_match_the_contents():
+    d = json.loads(_config(embedding_transform="tanh(x)").to_json())
+    assert d["format_version"] == 2 and d["embedding_transform"] == "tanh(x)"
+    with pytest.raises(BundleError, match="says format 1, but its contents are format 2"):
+        BundleConfig.from_json(json.dumps({**d, "format_version": 1}))
+    plain = json.loads(_config().to_json())
+    with pytest.raises(BundleError, match="says format 2, but its contents are format 1"):
+        BundleConfig.from_json(json.dumps({**plain, "format_version": 2}))
+    for version in (3, None, "2", True):
+        with pytest.raises(BundleError, match="not one this code reads"):
+            BundleConfig.from_json(json.dumps({**d, "format_version": version}))

@@ -1,0 +1,120 @@
+"""A bundle's embedding transform: the helper against numpy by hand, the encoder, the pipeline and the searcher."""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import pipeline_flags, write_catalog
+
+from retrieval_core.bundle import load_bundle, save_bundle
+from retrieval_core.embedding_transform import (
+    EmbeddingTransformError,
+    apply_embedding_transform,
+    parse_embedding_transform,
+)
+from retrieval_core.encoder import Encoder
+from retrieval_core.preprocess import load_image_file, to_model_input
+from retrieval_core.rl.expressions import EMBEDDING_GRAMMAR, parse
+from retrieval_core.search import Searcher
+from retrieval_core.search.searcher import ModelMismatchError
+
+
+def _normalise(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, np.float64)
+    return (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def transformed_bundle(tmp_path_factory, tiny_bundle) -> str:
+    config, model = load_bundle(tiny_bundle[0])
+    path = str(tmp_path_factory.mktemp("transformed") / "bundle")
+    save_bundle(path, model, dataclasses.replace(config, embedding_transform="mul(tanh(x), x)"))
+    return path
+
+
+@pytest.mark.parametrize(
+    "text, f",
+    [("mul(tanh(x), x)", lambda x: np.tanh(x) * x), ("sign(x)", np.sign), ("add(cube(x), 0.5)", lambda x: x**3 + 0.5)],
+)
+def test_apply_matches_numpy_by_hand(text, f):
+    raw = np.random.default_rng(0).normal(size=(7, 16)).astype(np.float32) * 3
+    expected = _normalise(f(_normalise(raw)))
+    for expression in (text, parse_embedding_transform(text)):
+        out = apply_embedding_transform(raw, expression)
+        assert out.dtype == np.float32 and out.shape == raw.shape
+        np.testing.assert_allclose(out, expected, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-6)
+
+
+def test_apply_names_the_rows_it_cannot_transform():
+    raw = np.array([[1.0, -2.0], [3.0, 4.0], [0.0, 0.0], [-1.0, 5.0]], np.float32)
+    with pytest.raises(EmbeddingTransformError, match=r"sub\(x, abs\(x\)\) maps rows \[1\] of 4 to the zero vector"):
+        apply_embedding_transform(raw, "sub(x, abs(x))")  # zero where x >= 0: row 1 vanishes; row 2 was zero already
+    ok = apply_embedding_transform(raw[[0, 2]], "sub(x, abs(x))")
+    np.testing.assert_array_equal(ok, [[0.0, -1.0], [0.0, 0.0]])  # a zero row stays zero, as without a transform
+    # An Expr is used as is (as text this one is refused up front): float32 overflows where x = 1, not at -0.71.
+    overflow = parse("cube(cube(cube(cube(exp(exp(x))))))", EMBEDDING_GRAMMAR)
+    with pytest.raises(EmbeddingTransformError, match=r"not finite on rows \[1\] of 2"):
+        apply_embedding_transform(np.array([[-1, -1], [1, 0]], np.float32), overflow)
+    assert np.isfinite(apply_embedding_transform(np.array([[-1, -1]], np.float32), overflow)).all()
+
+
+def test_encoder_applies_the_transform(transformed_bundle, tiny_bundle):
+    plain = Encoder.from_bundle(tiny_bundle[0])
+    enc = Encoder.from_bundle(transformed_bundle)
+    assert enc.embedding_transform == parse_embedding_transform("mul(tanh(x), x)")
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    with torch.inference_mode():
+        raw = enc.model(torch.from_numpy(to_model_input(pixels, enc.config.preprocessing)))["embedding"].numpy()
+    x = _normalise(raw)
+    out, before = enc.encode(pixels), plain.encode(pixels)
+    np.testing.assert_allclose(out.embeddings, _normalise(np.tanh(x) * x), atol=1e-6)
+    assert not np.allclose(out.embeddings, before.embeddings, atol=1e-3)  # the transform did something
+    np.testing.assert_array_equal(out.codes, before.codes)  # and nothing else changed
+    assert out.category == before.category and out.attributes == before.attributes
+
+
+def test_encoder_error_names_bundle_and_expression(tiny_bundle):
+    config, model = load_bundle(tiny_bundle[0])
+    config = dataclasses.replace(config, embedding_transform="sub(x, abs(x))", model_id="m-transformed")
+
+    class Positive(torch.nn.Module):  # every coordinate >= 0: the transform erases every row
+        def forward(self, x):
+            out = model(x)
+            return {**out, "embedding": out["embedding"].abs()}
+
+    pixels = np.zeros((3, 32, 32, 3), np.uint8)
+    message = r"bundle m-transformed: .*sub\(x, abs\(x\)\) maps rows \[0, 1, 2\]"
+    with pytest.raises(EmbeddingTransformError, match=message):
+        Encoder(config, Positive()).encode(pixels)
+
+
+def test_pipeline_and_searcher_use_the_transform(tmp_path, transformed_bundle, tiny_bundle):
+    from pipelines.index_catalog import run
+
+    catalog, expect = write_catalog(str(tmp_path / "c"), 4, broken=False, duplicate=False)
+    out = str(tmp_path / "out")
+    report = run(pipeline_flags(catalog, out, transformed_bundle, "--num_shards=1", "--batch_size=4", "--run_id=r1"))
+    assert report["counts"]["indexed"] == 4
+
+    searcher = Searcher.open(out, bundle=transformed_bundle)
+    assert searcher.manifest.model_id == searcher.encoder.config.model_id != tiny_bundle[1].model_id
+    features = {r["item_id"]: r for r in pq.read_table(glob.glob(f"{out}/features/run=r1/*.parquet")).to_pylist()}
+    images = [os.path.join(str(tmp_path / "c"), "images", f"good{i:03d}.jpg") for i in range(4)]
+    queries = searcher.encode_images(images).embeddings
+    stored = np.array([features[item]["embedding"] for item in expect["good"]], np.float32)
+    np.testing.assert_allclose(stored, queries, atol=1e-6)
+    # ... and are the untransformed bundle's features, transformed.
+    pixels = [load_image_file(path, searcher.encoder.config.preprocessing).pixels for path in images]
+    plain = Encoder.from_bundle(tiny_bundle[0]).encode(pixels).embeddings
+    np.testing.assert_allclose(stored, apply_embedding_transform(plain, "mul(tanh(x), x)"), atol=1e-5)
+    result = searcher.search_images(images, k=1)
+    assert [r[0] for r in result.item_ids] == expect["good"] and np.allclose(result.scores[:, 0], 1.0, atol=1e-5)
+    with pytest.raises(ModelMismatchError):
+        Searcher.open(out, bundle=tiny_bundle[0])
