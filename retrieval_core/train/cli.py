@@ -5,7 +5,11 @@ from __future__ import annotations
 import importlib
 import sys
 
-JOBS = {"baseline": "retrieval_core.train.baseline", "hashing": "retrieval_core.train.hashing"}
+JOBS = {
+    "baseline": "retrieval_core.train.baseline",
+    "hashing": "retrieval_core.train.hashing",
+    "svm-kernel": "retrieval_core.train.svm_kernel",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
