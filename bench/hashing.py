@@ -160,7 +160,43 @@ def keep_other_datasets(path: str, rows: list[dict], ran: set[str]) -> list[dict
     return kept + rows
 
 
-def markdown(rows: list[dict], skipped: dict[str, str], quick: bool) -> str:
+PLOT_BITS = 48
+
+
+def plot_curves(curves: list[dict], img_dir: str) -> dict[str, tuple[str, int]]:
+    """One PNG per dataset at ``PLOT_BITS`` bits (else its longest codes): precision@k, and precision against
+    recall as the Hamming radius grows (0, 1, 2, ...), one line per method. Returns {dataset: (file, bits)}."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    os.makedirs(img_dir, exist_ok=True)
+    written = {}
+    for dataset in dict.fromkeys(c["dataset"] for c in curves):
+        lengths = {c["bits"] for c in curves if c["dataset"] == dataset}
+        bits = PLOT_BITS if PLOT_BITS in lengths else max(lengths)
+        sub = [c for c in curves if c["dataset"] == dataset and c["bits"] == bits]
+        fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
+        for c in sorted(sub, key=lambda c: c["method"]):
+            ks = sorted(c["precision_at_k_curve"], key=int)
+            left.plot([int(k) for k in ks], [c["precision_at_k_curve"][k] for k in ks], marker="o", label=c["method"])
+            pr = c["pr_curve"]
+            right.plot(pr["recall"], pr["precision"], marker=".", label=c["method"])
+        left.set(xscale="log", xlabel="k", ylabel="precision@k", title=f"{dataset}, {bits} bits")
+        right.set(xlabel="recall", ylabel="precision", title="by Hamming radius 0, 1, 2, ...")
+        for ax in (left, right):
+            ax.grid(alpha=0.3)
+        left.legend()
+        fig.tight_layout()
+        name = f"hashing-{dataset}.png"
+        fig.savefig(os.path.join(img_dir, name), dpi=110)
+        plt.close(fig)
+        written[dataset] = (name, bits)
+    return written
+
+
+def markdown(rows: list[dict], skipped: dict[str, str], quick: bool, plots: dict | None = None) -> str:
     lines = [
         f"Command: `make bench-hashing{' BENCH_ARGS=--quick' if quick else ''}` "
         "(`BENCH_ARGS='--datasets fashion-mnist'` for one dataset; the rows of the others are kept). "
@@ -187,6 +223,9 @@ def markdown(rows: list[dict], skipped: dict[str, str], quick: bool) -> str:
                 f"| {r['bits']} | {r['method']} | {' | '.join(cells)} | {r['train_s']:.0f} | {r['encode_s']:.1f} |"
             )
         lines.append("")
+        if plots and dataset in plots:
+            name, bits = plots[dataset]
+            lines += [f"![{dataset}: precision@k and precision-recall at {bits} bits](img/{name})", ""]
     for dataset, why in skipped.items():
         lines += [f"{dataset}: skipped, {why}", ""]
     return "\n".join(lines).rstrip() + "\n"
@@ -248,7 +287,11 @@ def main(argv: list[str] | None = None) -> int:
         print("wrote", write_rows("hashing", rows, out))
     if not rows:
         rows = keep_other_datasets(out, [], ran=set())
-    section = markdown(rows, skipped, args.quick)
+    plots = None
+    if doc and os.path.exists(curves_out):  # the doc's images sit in img/ beside it
+        with open(curves_out) as f:
+            plots = plot_curves(json.load(f), os.path.join(os.path.dirname(doc) or ".", "img"))
+    section = markdown(rows, skipped, args.quick, plots)
     print(section)
     if doc:
         update_doc(doc, section)

@@ -47,6 +47,9 @@ def test_tiny_hashing_bench(tmp_path):
     assert "old table" not in text and "kept above" in text and "kept below" in text
     assert "| 16 | adsh |" in text and "### fashion-mnist" in text and "### fashion-product-small" in text
     assert "clothing-small: skipped" in text  # the empty data dir has no clothing photos
+    # The curves are drawn beside the doc, one PNG per dataset with curves, and linked from its section.
+    png = tmp_path / "img" / "hashing-fashion-mnist.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "](img/hashing-fashion-mnist.png)" in text
 
 
 def test_tiny_ablation_bench(tmp_path):
