@@ -120,3 +120,4 @@ def test_the_losses_are_created_by_name():
 
     assert isinstance(create_loss("gsn_score", pos_margin=0.8), GridScoreLoss)
     assert isinstance(create_loss("gsn_softmax", temperature=0.2), GridSoftmaxLoss)
+    assert create_loss("gsn_triplet", margin=0.3).margin == 0.3

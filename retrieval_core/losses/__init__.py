@@ -1,6 +1,6 @@
 """Loss modules, one family per file, created by name through ``create_loss``."""
 
-from retrieval_core.losses.gsn import GridScoreLoss, GridSoftmaxLoss
+from retrieval_core.losses.gsn import GridScoreLoss, GridSoftmaxLoss, GridTripletLoss
 from retrieval_core.losses.hashing import (
     CauchyHashingLoss,
     CauchyQuantizationLoss,
@@ -18,6 +18,7 @@ _LOSSES = {
     "prior_adversarial": PriorAdversarialLoss,
     "gsn_score": GridScoreLoss,
     "gsn_softmax": GridSoftmaxLoss,
+    "gsn_triplet": GridTripletLoss,
 }
 
 
@@ -34,6 +35,7 @@ __all__ = [
     "CauchyQuantizationLoss",
     "GridScoreLoss",
     "GridSoftmaxLoss",
+    "GridTripletLoss",
     "PairAdversarialLoss",
     "PriorAdversarialLoss",
     "QuantizationLoss",

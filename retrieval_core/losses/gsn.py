@@ -3,8 +3,9 @@
 A query and the ``C`` cells of its grid (one positive, ``C - 1`` negatives) are embedded by one backbone;
 ``grid_scores`` turns them into a score map ``(n, C)``, and a loss pushes the positive cell's score up and the
 others down. ``GridScoreLoss`` is the paper's per-cell squared hinge; ``GridSoftmaxLoss`` is the cross-entropy
-alternative its follow-ups use. Both take the scores and the positive's position, so the score map (cosine
-here, or a learned 1x1 conv) can change without touching them.
+alternative its follow-ups use; ``GridTripletLoss`` is the triplet baseline on the same grids. All take the
+scores and the positive's position, so the score map (cosine here, or a learned 1x1 conv) can change without
+touching them.
 """
 
 from __future__ import annotations
@@ -80,3 +81,29 @@ class GridSoftmaxLoss(nn.Module):
     def forward(self, scores: torch.Tensor, positive_pos: torch.Tensor) -> torch.Tensor:
         _check(scores, positive_pos)
         return F.cross_entropy(scores / self.temperature, positive_pos.long())
+
+
+class GridTripletLoss(nn.Module):
+    """The ablation baseline: a triplet hinge per negative cell, ``max(0, margin - s_pos + s_neg)``, mean over
+    the negatives, then the grids. On the score map of the same grids as the grid losses, so a GSN run and its
+    triplet baseline differ only in the loss.
+
+    Args:
+        margin: the positive's score must beat every negative's by this much (cosine scores: 0.2 is standard).
+    """
+
+    def __init__(self, margin: float = 0.2) -> None:
+        super().__init__()
+        if margin < 0:
+            raise ValueError(f"margin must be >= 0, got {margin}")
+        self.margin = margin
+
+    def forward(self, scores: torch.Tensor, positive_pos: torch.Tensor) -> torch.Tensor:
+        _check(scores, positive_pos)
+        if scores.shape[1] < 2:
+            raise ValueError(f"a triplet needs a negative: scores must have >= 2 cells, got {scores.shape[1]}")
+        n, cells = scores.shape
+        positive = F.one_hot(positive_pos.long(), cells).bool()
+        s_pos = scores[positive].view(n, 1)
+        s_neg = scores[~positive].view(n, cells - 1)
+        return F.relu(self.margin - s_pos + s_neg).mean()

@@ -8,6 +8,7 @@ import sys
 JOBS = {
     "baseline": "retrieval_core.train.baseline",
     "hashing": "retrieval_core.train.hashing",
+    "gsn": "retrieval_core.train.gsn",
     "svm-kernel": "retrieval_core.train.svm_kernel",
 }
 
