@@ -100,8 +100,8 @@ class HashingConfig:
     w_adv: float = 0.1
     no_adversary: bool = False  # DCH: everything else equal
     adversary: str = "pair"  # pair: own code vs a same-class image's code; prior: codes vs uniform +-1 draws
-    adv_binary: bool = False  # the discriminator sees sign(h) (straight-through) instead of tanh codes
-    lr_disc: float = 1e-3
+    adv_binary: bool = True  # the discriminator sees sign(h) (straight-through); False: the tanh codes
+    lr_disc: float = 1e-4  # slow: a discriminator that wins early pushes codes apart (make bench-hashing-ablation)
     disc_hidden: int = 256
     limit_train: int = 0  # > 0: a seeded random slice of the database (for quick runs)
     limit_query: int = 0
