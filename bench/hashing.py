@@ -31,6 +31,7 @@ from retrieval_core.models.projection_hashing import ITQ, LSH
 from retrieval_core.train import hashing
 
 BITS = (16, 32, 48, 64)
+METHODS = ("adsh", "dch", "itq", "lsh")
 METRICS = ("map_all", "map_at_1000", "precision_r2", "retrieved_r2", "precision_at_100", "top1_acc")
 DOC = os.path.join("docs", "results.md")
 BEGIN, END = "<!-- bench-hashing:begin -->", "<!-- bench-hashing:end -->"
@@ -135,9 +136,12 @@ def run_dataset(dataset: str, args, artifacts: str) -> list[dict]:
     backbone_cfg = dataclasses.replace(
         base, out=os.path.join(bundles, "classifier"), no_adversary=True, w_cauchy=0.0, quant_lambda=0.0
     )
-    rows = projection_rows(hashing.main(backbone_cfg, data), base, data, args.bits)
+    rows = []
+    if {"itq", "lsh"} & set(args.methods):
+        rows = projection_rows(hashing.main(backbone_cfg, data), base, data, args.bits)
+        rows = [r for r in rows if r["method"] in args.methods]
     for bits in args.bits:
-        for method in ("dch", "adsh"):
+        for method in [m for m in ("dch", "adsh") if m in args.methods]:
             cfg = dataclasses.replace(
                 base, out=os.path.join(bundles, f"{method}-{bits}"), bits=bits, no_adversary=method == "dch"
             )
@@ -151,12 +155,13 @@ def run_dataset(dataset: str, args, artifacts: str) -> list[dict]:
     return rows
 
 
-def keep_other_datasets(path: str, rows: list[dict], ran: set[str]) -> list[dict]:
-    """``rows`` plus the rows already in ``path`` of datasets this run did not measure (each keeps its stamp)."""
+def keep_other_datasets(path: str, rows: list[dict], ran: set[str], methods: tuple[str, ...] | None = None) -> list:
+    """``rows`` plus the rows already in ``path`` that this run did not measure: of another dataset, or (with
+    ``methods``) of a method it did not run. Each kept row keeps its stamp."""
     if not os.path.exists(path):
         return rows
     with open(path) as f:
-        kept = [r for r in json.load(f) if r["dataset"] not in ran]
+        kept = [r for r in json.load(f) if r["dataset"] not in ran or (methods and r["method"] not in methods)]
     return kept + rows
 
 
@@ -196,6 +201,18 @@ def plot_curves(curves: list[dict], img_dir: str) -> dict[str, tuple[str, int]]:
     return written
 
 
+def _stamps(rows: list[dict]) -> str:
+    """Where and from which commit the rows came; per method when a ``--methods`` re-run mixed them."""
+    by_stamp: dict[str, list[str]] = {}
+    for r in rows:
+        methods = by_stamp.setdefault(f"{r['machine']}; commit {r['commit']}", [])
+        if r["method"] not in methods:
+            methods.append(r["method"])
+    if len(by_stamp) == 1:
+        return f"Machine: {next(iter(by_stamp))}."
+    return " ".join(f"{', '.join(sorted(m))}: {stamp}." for stamp, m in by_stamp.items())
+
+
 def markdown(rows: list[dict], skipped: dict[str, str], quick: bool, plots: dict | None = None) -> str:
     lines = [
         f"Command: `make bench-hashing{' BENCH_ARGS=--quick' if quick else ''}` "
@@ -210,7 +227,7 @@ def markdown(rows: list[dict], skipped: dict[str, str], quick: bool, plots: dict
             f"### {dataset} ({r0['protocol']}: {r0['query_size']:,} queries, {r0['database_size']:,} database, "
             f"seed {r0['seed']}, {r0['epochs']} epochs per network)",
             "",
-            f"Machine: {r0['machine']}; commit {r0['commit']}.",
+            _stamps(sub),
             "",
             "| bits | method | mAP@all | mAP@1000 | P@r<=2 | queries with any hit r<=2 | P@100 | top-1 acc | train s "
             "| encode s |",
@@ -253,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", nargs="+", default=list(hashing.DATASETS), choices=hashing.DATASETS)
     p.add_argument("--bits", nargs="+", type=int, default=list(BITS))
+    p.add_argument(
+        "--methods", nargs="+", default=list(METHODS), choices=METHODS, help="run these; keep the other methods' rows"
+    )
     p.add_argument("--epochs", type=int, default=0, help="override the per-dataset epochs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
@@ -282,8 +302,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         new = [{**r, **stamp} for r in run_dataset(dataset, args, args.artifacts)]
         curves = [{k: r[k] for k in ("method", "dataset", "bits")} | r.pop("_curves") for r in new]
-        write_rows("hashing-curves", keep_other_datasets(curves_out, curves, ran={dataset}), curves_out)
-        rows = keep_other_datasets(out, new, ran={dataset})
+        methods = tuple(args.methods)
+        write_rows("hashing-curves", keep_other_datasets(curves_out, curves, {dataset}, methods), curves_out)
+        rows = keep_other_datasets(out, new, {dataset}, methods)
         print("wrote", write_rows("hashing", rows, out))
     if not rows:
         rows = keep_other_datasets(out, [], ran=set())

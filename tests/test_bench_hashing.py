@@ -51,6 +51,21 @@ def test_tiny_hashing_bench(tmp_path):
     png = tmp_path / "img" / "hashing-fashion-mnist.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "](img/hashing-fashion-mnist.png)" in text
 
+    # --methods re-runs one method; the other methods' rows (and curves) of the dataset are kept as they were.
+    before = {r["method"]: r for r in rows if r["dataset"] == "fashion-mnist"}
+    monkey_commit = "re-run"
+    bench_stamp = bench.commit
+    try:
+        bench.commit = lambda: monkey_commit
+        assert bench.main([*argv, "--methods", "adsh", "--out", str(out), "--doc", str(doc)]) == 0
+    finally:
+        bench.commit = bench_stamp
+    after = {r["method"]: r for r in json.loads(out.read_text()) if r["dataset"] == "fashion-mnist"}
+    assert sorted(after) == ["adsh", "dch", "itq", "lsh"] and after["adsh"]["commit"] == "re-run"
+    assert all(after[m] == before[m] for m in ("dch", "itq", "lsh"))
+    assert sorted(c["method"] for c in json.loads((tmp_path / "hashing-curves.json").read_text())) == sorted(after)
+    assert "adsh: " in doc.read_text() and "; commit re-run." in doc.read_text()  # the table says which rows are new
+
 
 def test_tiny_ablation_bench(tmp_path):
     from bench import hashing_ablation
@@ -69,10 +84,12 @@ def test_tiny_ablation_bench(tmp_path):
     assert [(r["method"], r["seed"]) for r in rows] == [
         (m, s) for s in (0, 1) for m in ("dch", "adsh-binary", "adsh-prior")
     ]
-    assert rows[1]["overrides"] == {"adv_binary": True} and all(0 <= r["map_all"] <= 1 for r in rows)
+    assert rows[1]["overrides"] == hashing_ablation.VARIANTS["adsh-binary"] and all(
+        0 <= r["map_all"] <= 1 for r in rows
+    )
     assert rows[0]["database_size"] == 512 and rows[0]["machine"]
     text = doc.read_text()
-    assert text.startswith("# Results\n\nkept\n") and "| adsh-prior | adversary=prior |" in text
+    assert text.startswith("# Results\n\nkept\n") and "| adsh-prior | adversary=prior, w_adv=0.1," in text
     assert text.count("bench-hashing-ablation:begin") == 1
     gap = rows[2]["map_all"] - rows[0]["map_all"]
     assert f"{gap:+.4f}" in text  # the per-seed gap to DCH
