@@ -8,7 +8,7 @@ ART    ?= artifacts
 RUNNER ?= apache_beam.runners.portability.fn_api_runner.FnApiRunner
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data index train-baseline bench bench-index bench-throughput bench-hamming bench-hashing bench-hashing-ablation bench-incremental test lint clean
+.PHONY: help setup data index train-baseline bench bench-index bench-throughput bench-hamming bench-hashing bench-hashing-ablation bench-gsn bench-incremental test lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -57,6 +57,9 @@ bench-hashing: $(STAMP)  ## ADSH vs DCH, ITQ, LSH at 16-64 bits on Fashion-MNIST
 
 bench-hashing-ablation: $(STAMP)  ## the ADSH adversary's variants vs DCH, 3 seeds, Fashion-MNIST slices (~25 min)
 	$(PY) -m bench.hashing_ablation --artifacts $(ART) $(BENCH_ARGS)
+
+bench-gsn: $(STAMP)  ## GSN vs triplet (+ the RL embedding transform), RL SVM kernels vs linear/RBF (~75 min; --quick: minutes)
+	$(PY) -m bench.gsn --artifacts $(ART) $(BENCH_ARGS)
 
 bench-incremental: $(STAMP) $(BUNDLE)  ## wall time of a 1%-changed nightly run vs a full run, 10,000 images
 	$(PY) -m bench.incremental --artifacts $(ART) $(BENCH_ARGS)

@@ -116,6 +116,7 @@ NOT_TRAINING = (
     "split_seed",
     "transform_steps",
     "transform_batch",
+    "transform_lr",
     "transform_seed",
     "transform_metric",
     "transform_min_gain",
@@ -159,6 +160,7 @@ class GSNConfig:
     no_c2s: bool = False  # clothing-small: skip consumer-to-shop (it decodes and encodes ~40k shop photos)
     transform_steps: int = 0  # RL transform search: controller updates; 0 = off
     transform_batch: int = 16  # expressions sampled per update
+    transform_lr: float = 5e-3  # the controller's Adam lr (METHODS.md's 2e-4 barely moves it in 50 steps)
     transform_seed: int = 0
     transform_metric: str = "map"  # the reward: map (mAP) or r1 (R@1) on the search half
     transform_min_gain: float = 0.0  # adopt the transform only if it beats the identity by more than this
@@ -490,7 +492,12 @@ def search_transform(cfg: GSNConfig, data: ProductRetrievalData, ev: Evaluation)
     identity = reward.score(None)
     started = time.perf_counter()
     result = search(
-        EMBEDDING_GRAMMAR, reward, steps=cfg.transform_steps, batch=cfg.transform_batch, seed=cfg.transform_seed
+        EMBEDDING_GRAMMAR,
+        reward,
+        steps=cfg.transform_steps,
+        batch=cfg.transform_batch,
+        seed=cfg.transform_seed,
+        lr=cfg.transform_lr,
     )
     search_s = time.perf_counter() - started
     # The best expression a bundle can carry (one finite on the data but not on all of [-1, 1] cannot be served).
@@ -517,6 +524,7 @@ def search_transform(cfg: GSNConfig, data: ProductRetrievalData, ev: Evaluation)
         "metric": cfg.transform_metric,
         "steps": cfg.transform_steps,
         "batch": cfg.transform_batch,
+        "lr": cfg.transform_lr,
         "seed": cfg.transform_seed,
         "split_seed": cfg.split_seed,
         "search_queries": len(search_idx),
