@@ -25,10 +25,17 @@ def machine() -> str:
 
 
 def commit() -> str:
-    """Short hash of HEAD, with ``+dirty`` when the working tree differs from it."""
+    """Short hash of HEAD, with ``+dirty`` when the code in the working tree differs from it.
+
+    Results and docs (``bench/results/``, ``docs/``) do not count: benchmarks run one after another write them.
+    """
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results", ":!docs"],
+            capture_output=True,
+            text=True,
+        )
     except OSError:
         return "unknown"
     return head + ("+dirty" if dirty.stdout.strip() else "") if head else "unknown"
