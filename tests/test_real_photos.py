@@ -125,3 +125,37 @@ def test_decode_files_caches_and_tolerates_a_corrupt_file(tmp_path, monkeypatch,
     np.testing.assert_array_equal(cached_ok, ok)
     with pytest.raises(AssertionError, match="decoded although"):  # other preprocessing: another key
         rp.decode_files(paths, Preprocessing(image_size=16), cache_dir=str(cache))
+
+
+def test_decode_photos_long_side_keeps_the_aspect_and_caches(tmp_path, monkeypatch, caplog):
+    from PIL import Image
+
+    from retrieval_core.preprocess import load_image_file, resize_long_side
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for name, (h, w) in {"portrait": (120, 90), "landscape": (50, 300), "small": (20, 16)}.items():
+        paths.append(str(tmp_path / f"{name}.png"))
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(paths[-1])
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff" + b"not really a jpeg" * 20)
+    paths.insert(1, str(bad))
+    cache = tmp_path / "cache"
+
+    photos, ok = rp.decode_photos_long_side(paths, 64, cache_dir=str(cache))
+    assert ok.tolist() == [True, False, True, True]
+    assert [p.shape for p in photos] == [(64, 48, 3), (11, 64, 3), (64, 51, 3)]  # no letterbox, no square
+    for photo, path in zip(photos, [paths[0], paths[2], paths[3]]):  # the pipeline's decoder, then the resize
+        expected = resize_long_side(Image.fromarray(load_image_file(path).pixels), 64)
+        np.testing.assert_array_equal(photo, np.asarray(expected))
+    assert "1 of 4 files did not decode" in caplog.text
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded although the cache holds the result")
+
+    monkeypatch.setattr(rp, "load_image_file", no_decoding)
+    cached, cached_ok = rp.decode_photos_long_side(paths, 64, cache_dir=str(cache))
+    np.testing.assert_array_equal(cached_ok, ok)
+    assert all(np.array_equal(a, b) for a, b in zip(cached, photos)) and len(cached) == len(photos)
+    with pytest.raises(AssertionError, match="decoded although"):  # another long side: another key
+        rp.decode_photos_long_side(paths, 32, cache_dir=str(cache))

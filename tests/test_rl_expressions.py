@@ -14,6 +14,7 @@ from retrieval_core.rl.expressions import (
     Grammar,
     Unary,
     Var,
+    allowed_tokens,
     decode,
     pairwise_variables,
     parse,
@@ -184,6 +185,62 @@ def test_decode_builds_the_core_units():
     assert str(decode(tokens, g)) == "max(neg(mul(tanh(x), id(x))), square(mul(tanh(x), id(x))))"
     tokens[5:8] = [leaf(2.0), u("neg"), leaf("x")]
     assert str(decode(tokens, g)) == "max(neg(2), square(x))"
+
+
+def test_decode_refuses_a_sequence_that_describes_a_constant():
+    g = EMBEDDING_GRAMMAR
+    u, b, leaf = g.unary_ops.index, g.binary_ops.index, ("x", 1.0, 0.5, 2.0).index
+    prev = len(g.leaves)
+    constant_unit = [leaf(1.0), u("exp"), leaf(2.0), u("id"), b("add")]
+    with pytest.raises(ExpressionError, match="describe a constant"):
+        decode(constant_unit + [prev, u("tanh"), leaf(0.5), u("id"), b("mul")], g)  # prev is a constant too
+    with pytest.raises(ExpressionError, match="describe a constant"):
+        decode([leaf("x"), u("id"), leaf("x"), u("id"), b("add"), leaf(2.0), u("id"), leaf(1.0), u("id"), b("add")], g)
+    # A constant unit is fine where the expression still uses x.
+    assert (
+        str(decode(constant_unit + [prev, u("id"), leaf("x"), u("id"), b("mul")], g))
+        == "mul(id(add(exp(1), id(2))), id(x))"
+    )
+
+
+@pytest.mark.parametrize(
+    "grammar",
+    [
+        Grammar(("x",), (1.0,), unary_ops=("id",), binary_ops=("add",), units=1),
+        Grammar(("x",), (1.0, 2.0), unary_ops=("id",), binary_ops=("add",), units=2),
+        Grammar(("x", "y"), (1.0,), unary_ops=("id",), binary_ops=("add",), units=3),
+    ],
+)
+def test_allowed_tokens_rule_out_exactly_the_constant_sequences(grammar):
+    """Over every token combination: the mask allows it at every position if and only if it decodes."""
+    import itertools
+
+    n_allowed = 0
+    for combo in itertools.product(*(range(n) for n in grammar.vocab_sizes)):
+        allowed = all(allowed_tokens(grammar, combo[:i])[t] for i, t in enumerate(combo))
+        try:
+            decode(combo, grammar)
+            decodes = True
+        except ExpressionError:
+            decodes = False
+        assert allowed == decodes, combo
+        n_allowed += allowed
+    assert 0 < n_allowed < np.prod(grammar.vocab_sizes)
+
+
+@pytest.mark.parametrize("grammar", [EMBEDDING_GRAMMAR, KERNEL_GRAMMAR])
+def test_random_tokens_never_describe_a_constant(grammar):
+    rng = np.random.default_rng(1)
+    exprs = [decode(random_tokens(grammar, rng), grammar) for _ in range(2000)]
+    assert all(e.variables() for e in exprs)
+    assert any(any(isinstance(n, Const) for n in _nodes(e)) for e in exprs)  # constants are still used
+
+
+def _nodes(e):
+    yield e
+    for child in (getattr(e, "arg", None), getattr(e, "left", None), getattr(e, "right", None)):
+        if child is not None:
+            yield from _nodes(child)
 
 
 def test_token_layout():

@@ -16,7 +16,12 @@ import retrieval_core.train.svm_kernel as svm_kernel  # noqa: E402
 from retrieval_core.data import fashion_mnist, mnist5k  # noqa: E402
 from retrieval_core.data.splits import stratified_split, stratified_subset  # noqa: E402
 from retrieval_core.rl.controller import search  # noqa: E402
-from retrieval_core.rl.expressions import KERNEL_GRAMMAR, ExpressionError, pairwise_variables, parse  # noqa: E402
+from retrieval_core.rl.expressions import (  # noqa: E402
+    KERNEL_GRAMMAR,
+    ExpressionError,
+    pairwise_variables,
+    parse,
+)
 from retrieval_core.train import cli as train_cli  # noqa: E402
 
 RBF_HALF = "exp(neg(mul(0.5, l2sq)))"
@@ -264,3 +269,42 @@ def test_real_fashion_mnist_tiny_run(tmp_path):
     assert run.report["sizes"] == {"train_size": 300, "fit_size": 200, "val_size": 100, "test_size": 100}
     assert np.bincount(run.data.test_labels).tolist() == [10] * 10
     assert {r["method"]: r["top1_acc"] for r in run.report["rows"]}["svm_rbf"] > 0.5  # chance is 0.1
+
+
+def test_the_refit_keeps_the_scale_its_c_was_selected_with(tmp_path, monkeypatch):
+    """C is chosen on K / s with s from the fit rows; the refit on every training row must divide by that s, not
+    by the RMS over the training rows, which for a kernel dominated by its diagonal is sqrt(fit / train) of it."""
+    x_train, y_train = blobs(150, seed=0, spread=1.5)
+    x_test, y_test = blobs(60, seed=1, spread=1.5)
+    fit_idx, val_idx = np.arange(50), np.arange(50, 150)
+    data = svm_kernel.KernelData(
+        "mnist-5k", "p", np.zeros((150, 1)), y_train, np.zeros((60, 1)), y_test, fit_idx, val_idx
+    )
+    feats = svm_kernel.Features(x_train, x_test, {})
+    kernel = "exp(neg(mul(2, l2sq)))"  # far points: almost the identity matrix
+    cfg = tiny_config(tmp_path, c_grid=(0.01, 0.02), final_candidates=1, max_iter=-1)
+    reward = svm_kernel.KernelReward(
+        x_train[fit_idx], y_train[fit_idx], x_train[val_idx], y_train[val_idx], c=0.01, max_iter=-1
+    )
+    result = svm_kernel.SearchResult(kernel, 0.5, (), 1, 1, {kernel: 0.5}, 0)
+    models = []
+    real_svc = svm_kernel.precomputed_svc
+
+    def recording(c, max_iter):
+        models.append(real_svc(c, max_iter))
+        return models[-1]
+
+    monkeypatch.setattr(svm_kernel, "precomputed_svc", recording)
+    row, passed_over = svm_kernel._learned_kernel(result, reward, feats, data, cfg, {})
+    assert row["kernel"] == kernel and not passed_over
+    expr = parse(kernel, KERNEL_GRAMMAR)
+    k_fit = expr.evaluate(pairwise_variables(x_train[fit_idx], x_train[fit_idx]))
+    s_select = float(np.sqrt(np.mean(k_fit**2)))
+    k_train = expr.evaluate(pairwise_variables(x_train, x_train))
+    assert np.sqrt(np.mean(k_train**2)) < 0.7 * s_select  # the training part's own RMS would move C a lot
+    k_test = expr.evaluate(pairwise_variables(x_test, x_train))
+    oracle = SVC(kernel="precomputed", C=row["c"] / s_select).fit(k_train, y_train)
+    refit = models[-1]
+    assert row["kernel_scale"] == pytest.approx(s_select, rel=1e-12)
+    np.testing.assert_allclose(refit.decision_function(k_test / s_select), oracle.decision_function(k_test), atol=1e-6)
+    assert row["top1_acc"] == float(np.mean(oracle.predict(k_test) == y_test))

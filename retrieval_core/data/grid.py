@@ -64,8 +64,9 @@ class GridSampler:
 
     Raises:
         ValueError: mismatched lengths; ``hard_fraction`` outside [0, 1]; ``cells < 2``; a product with two
-            categories in the gallery; a query product with no positive image in the gallery; fewer than
-            ``cells - 1`` other products in the gallery.
+            categories in the gallery; a query product with no positive image in the gallery; a query whose
+            category is not its product's gallery category; fewer than ``cells - 1`` other products in the
+            gallery.
     """
 
     def __init__(
@@ -113,6 +114,14 @@ class GridSampler:
                 f"{int(missing.sum())} queries have no positive in the gallery"
                 + (" other than themselves" if same_pool else "")
                 + f", e.g. query {int(np.flatnonzero(missing)[0])}"
+            )
+        mismatch = self.product_category[k] != q_cat
+        if mismatch.any():  # the hard negatives (and the hard count) would come from the wrong category
+            first = int(np.flatnonzero(mismatch)[0])
+            raise ValueError(
+                f"{int(mismatch.sum())} queries have another category than their product in the gallery, e.g. query "
+                f"{first}: category {np.asarray(query_categories)[first]!r}, its product's "
+                f"{np.asarray(gallery_categories)[self.images[k[first]][0]]!r}"
             )
         self.query_position = k  # the query's product, as a position in self.products
         # Positions of the products in each category, and of those outside it.

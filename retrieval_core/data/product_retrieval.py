@@ -11,11 +11,18 @@ decoder and preprocessing, cached by ``real_photos.decode_files``):
 
 ``clothing-small`` (:func:`load_clothing_small`)
     Training: ``train/`` photos only. A query is a distorted view of a train photo, made afresh every epoch
-    (``distort(photo, key=f"train:{id}:{epoch}", seed)``, :meth:`ProductRetrievalData.train_query_views`);
+    (:func:`consumer_view` with key ``f"train:{id}:{epoch}"``, :meth:`ProductRetrievalData.train_query_views`);
     its positive is the original photo, the negatives other train photos. Evaluation: gallery = every photo,
     train and validation, undistorted; queries = one distorted view of each ``validation/`` photo, with keys
     of their own (``f"eval:{id}"``, seed :data:`EVAL_DISTORTION_SEED`), so no evaluation view is ever a
     training view; hit = the original photo. Each photo is its own product; its class is its category.
+
+    Views (:func:`consumer_view`) are made at the recipe's working resolution, not at the model's input size:
+    the photo decoded once at its own aspect ratio with its longer side
+    :data:`~retrieval_core.data.distortions.WORKING_LONG_SIDE` (256) pixels (cached), distorted there, then
+    resized and letterboxed to the model's input like any photo. So the evaluation queries are the same views
+    whatever the image size, JPEG blocks and occluders have a phone photo's scale, and the letterbox bars are
+    added after the distortion, white as in the gallery, never tinted or moved (a cue only queries would have).
 
     Consumer-to-shop at category level (:class:`ShopProtocol`, optional): queries = the undistorted
     ``validation/`` photos, gallery = every fashion-product-small shop photo, relevant = a shop item whose
@@ -35,12 +42,13 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from PIL import Image
 
 from retrieval_core.data import real_photos
 from retrieval_core.data.consumer_shop import shop_article_types
-from retrieval_core.data.distortions import distort
+from retrieval_core.data.distortions import WORKING_LONG_SIDE, distort
 from retrieval_core.data.synthetic import CATEGORIES, SyntheticConfig, generate_catalog
-from retrieval_core.preprocess import Preprocessing
+from retrieval_core.preprocess import Preprocessing, resize_for_model
 
 EVAL_DISTORTION_SEED = 0
 """Seed of the evaluation views: fixed, so that runs of every training seed meet the same queries."""
@@ -62,6 +70,20 @@ def train_view_key(item_id: str, epoch: int) -> str:
 def eval_view_key(item_id: str) -> str:
     """Distortion key of the evaluation view of a photo; disjoint from every training key."""
     return f"eval:{item_id}"
+
+
+def consumer_view(photo: np.ndarray, key: str, seed: int, prep: Preprocessing) -> np.ndarray:
+    """A consumer view of a photo as a model sees it: ``(S, S, 3)`` uint8.
+
+    Args:
+        photo: ``(h, w, 3)`` uint8 at the working resolution (longer side
+            :data:`~retrieval_core.data.distortions.WORKING_LONG_SIDE`, its own aspect ratio).
+        key: the view's distortion key (:func:`train_view_key`, :func:`eval_view_key`).
+        seed: the distortion seed.
+        prep: the model's preprocessing: the distorted view is resized (and letterboxed) to its input size.
+    """
+    view = distort(photo, key, seed)
+    return np.asarray(resize_for_model(Image.fromarray(view), prep), dtype=np.uint8)
 
 
 @dataclass(frozen=True, eq=False)  # a generated __eq__ / __hash__ would fail on the arrays
@@ -102,7 +124,7 @@ class ProductRetrievalData:
         train_gallery_products, train_gallery_categories: ``(G,)`` int64.
         train_query_products, train_query_categories: ``(Q,)`` int64.
         train_queries: ``(Q, S, S, 3)`` uint8 fixed query views, or None: queries are distorted views of
-            ``train_gallery[train_query_source]`` made afresh every epoch.
+            ``train_photos[train_query_source]`` made afresh every epoch.
         train_query_source: ``(Q,)`` int64 (distorted queries only) the gallery photo each query views.
         train_query_ids: the id of each training query's photo (the distortion key) or view.
         eval_queries: ``(E, S, S, 3)`` uint8.
@@ -113,6 +135,8 @@ class ProductRetrievalData:
         eval_gallery_ids: ids of the gallery items.
         shop: the consumer-to-shop protocol, or None.
         notes: facts to record with a run (sources, undecodable files).
+        train_photos: (distorted queries only) the photos of ``train_gallery`` at the working resolution, one
+            ``(h, w, 3)`` uint8 array each, in the same order: what the training views are made from.
     """
 
     dataset: str
@@ -137,10 +161,15 @@ class ProductRetrievalData:
     eval_gallery_ids: tuple[str, ...]
     shop: ShopProtocol | None = None
     notes: dict = field(default_factory=dict)
+    train_photos: Sequence[np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         if (self.train_queries is None) == (self.train_query_source is None):
             raise ValueError("give either fixed train_queries or train_query_source (distorted views), not both")
+        if (self.train_query_source is None) != (self.train_photos is None):
+            raise ValueError("distorted training views (train_query_source) need train_photos, and only they do")
+        if self.train_photos is not None and len(self.train_photos) != len(self.train_gallery):
+            raise ValueError(f"{len(self.train_photos)} training photos for {len(self.train_gallery)} gallery images")
         n = len(self.train_query_products)
         if len(self.train_query_categories) != n or len(self.train_query_ids) != n:
             raise ValueError("every training-query array must have one entry per query")
@@ -161,16 +190,17 @@ class ProductRetrievalData:
     def train_query_views(self, idx: np.ndarray, epoch: int, seed: int) -> np.ndarray:
         """The training queries ``idx`` as the model sees them in ``epoch``: ``(n, S, S, 3)`` uint8.
 
-        Fixed views are returned as stored; distorted ones are ``distort(photo, train_view_key(id, epoch),
-        seed)``, a pure function of (seed, id, epoch), so a resumed run replays them.
+        Fixed views are returned as stored; distorted ones are ``consumer_view(photo, train_view_key(id,
+        epoch), seed, prep)`` of the working-resolution photo, a pure function of (seed, id, epoch), so a resumed
+        run replays them.
         """
         idx = np.asarray(idx, dtype=np.int64)
         if self.train_queries is not None:
             return self.train_queries[idx]
         out = np.empty((len(idx), *self.train_gallery.shape[1:]), dtype=np.uint8)
         for row, q in enumerate(idx):
-            photo = self.train_gallery[self.train_query_source[q]]
-            out[row] = distort(photo, train_view_key(self.train_query_ids[q], epoch), seed)
+            photo = self.train_photos[self.train_query_source[q]]
+            out[row] = consumer_view(photo, train_view_key(self.train_query_ids[q], epoch), seed, self.prep)
         return out
 
 
@@ -264,6 +294,20 @@ def _decode(files: real_photos.LabelledFiles, prep: Preprocessing, cache_dir: st
     return pixels, files.labels[ok], ids, int((~ok).sum())
 
 
+def _decode_photos(files: real_photos.LabelledFiles, prep: Preprocessing, cache_dir: str | None, desc: str):
+    """(pixels, working-resolution photos, labels, ids, number undecodable) of the files that decode, in listing
+    order: the model-size pixels (the pipeline's decode) and the photos the distortions start from."""
+    pixels, ok = real_photos.decode_files(files.paths, prep, cache_dir, desc=desc)
+    photos, ok_photos = real_photos.decode_photos_long_side(
+        files.paths, WORKING_LONG_SIDE, cache_dir, desc=f"{desc} at {WORKING_LONG_SIDE} px"
+    )
+    both = ok & ok_photos  # the same decoder: in practice the same files
+    pixels = pixels[both[ok]]
+    photos = [p for p, keep in zip(photos, both[ok_photos]) if keep]
+    ids = tuple(i for i, good in zip(files.ids, both) if good)
+    return pixels, photos, files.labels[both], ids, int((~both).sum())
+
+
 def load_shop_protocol(
     classes: tuple[str, ...],
     val_pixels: np.ndarray,
@@ -330,8 +374,12 @@ def load_clothing_small(
     """
     train_files = real_photos.clothing_small("train", data_dir)
     val_files = real_photos.clothing_small("validation", data_dir)
-    train, train_labels, train_ids, train_failed = _decode(train_files, prep, cache_dir, "decode clothing-small train")
-    val, val_labels, val_ids, val_failed = _decode(val_files, prep, cache_dir, "decode clothing-small validation")
+    train, train_photos, train_labels, train_ids, train_failed = _decode_photos(
+        train_files, prep, cache_dir, "decode clothing-small train"
+    )
+    val, val_photos, val_labels, val_ids, val_failed = _decode_photos(
+        val_files, prep, cache_dir, "decode clothing-small validation"
+    )
     overlap = set(train_ids) & set(val_ids)
     if overlap:
         raise ValueError(f"clothing-small: {len(overlap)} photo ids are in both train/ and validation/")
@@ -339,7 +387,10 @@ def load_clothing_small(
     # Every photo is its own product: train photos are 0..n_train-1, validation photos follow.
     train_products = np.arange(n_train, dtype=np.int64)
     val_products = np.arange(n_train, n_train + len(val_ids), dtype=np.int64)
-    queries = np.stack([distort(p, eval_view_key(i), EVAL_DISTORTION_SEED) for p, i in zip(val, val_ids)])
+    queries = np.stack(
+        [consumer_view(p, eval_view_key(i), EVAL_DISTORTION_SEED, prep) for p, i in zip(val_photos, val_ids)]
+    )
+    del val_photos  # only the views are kept
 
     all_ids = train_ids + val_ids
     order = id_hash_order(all_ids)
@@ -369,8 +420,10 @@ def load_clothing_small(
         eval_gallery_categories=np.concatenate([train_labels, val_labels]).astype(np.int64)[order],
         eval_gallery_ids=tuple(all_ids[i] for i in order),
         shop=shop,
+        train_photos=train_photos,
         notes={
             "eval_distortion_seed": EVAL_DISTORTION_SEED,
+            "distortion_long_side": WORKING_LONG_SIDE,
             "undecodable_images": train_failed + val_failed,
             "undecodable_shop_images": shop_failed,
         },

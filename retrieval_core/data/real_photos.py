@@ -9,7 +9,10 @@ shared by both sides, so label ``i`` means the same class everywhere.
 ``decode_files`` runs every file through the pipeline's own decoder
 (``retrieval_core.preprocess.load_image_file``), so models see exactly the
 pixels the indexing pipeline would give them; a file that fails to decode
-costs only itself. Nothing is ever written into the dataset folders.
+costs only itself. ``decode_photos_long_side`` decodes with the same decoder
+to a fixed long side without letterboxing (photos of their own aspect ratio:
+what the distortion recipe works on). Nothing is ever written into the
+dataset folders.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from retrieval_core.data.paths import dataset_dir
-from retrieval_core.preprocess import DecodeError, Preprocessing, load_image_file
+from retrieval_core.preprocess import DecodeError, Preprocessing, load_image_file, resize_long_side
 
 log = logging.getLogger(__name__)
 
@@ -186,11 +190,16 @@ def fashion_product_split(
 
 def _cache_key(paths: Sequence[str], prep: Preprocessing) -> str:
     """Changes when the preprocessing or any file (path, size, mtime) changes."""
+    return _files_key(paths, {"prep": prep.to_dict()})
+
+
+def _files_key(paths: Sequence[str], settings: dict) -> str:
+    """Changes when ``settings`` or any file (path, size, mtime) changes."""
     files = []
     for p in paths:
         st = os.stat(p)
         files.append((str(p), st.st_size, st.st_mtime_ns))
-    blob = json.dumps({"prep": prep.to_dict(), "files": files}, sort_keys=True).encode()
+    blob = json.dumps({**settings, "files": files}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -262,3 +271,82 @@ def _load_cache(path: str, n: int, size: int) -> tuple[np.ndarray, np.ndarray] |
         log.warning("%s: cache does not match the request; decoding again", path)
         return None
     return pixels, ok
+
+
+def decode_photos_long_side(
+    paths: Sequence[str], long_side: int, cache_dir: str | None = None, desc: str = "decode"
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Decode image files with the pipeline's decoder at their own aspect ratio, longer side ``long_side`` pixels.
+
+    No letterbox and no square crop: each photo keeps its shape, scaled (down or up) so that its longer side
+    is ``long_side``. For working on photos at one resolution whatever size a model later wants (the
+    distortion recipe), with the model's own preprocessing applied afterwards.
+
+    Args:
+        paths: image files.
+        long_side: the longer side of every decoded photo.
+        cache_dir: folder of ``<key>.npz`` caches, keyed by ``long_side`` and every file's path, size and
+            mtime; ``None``: no cache.
+        desc: label of the progress bar.
+
+    Returns:
+        ``(photos, ok)``: ``(h, w, 3)`` uint8 arrays with ``max(h, w) == long_side``, of the files that decoded,
+        in order; ok ``(N,)`` bool, True where the file decoded.
+
+    Raises:
+        OSError: a file cannot be read; only undecodable content is tolerated.
+    """
+    paths = [str(p) for p in paths]
+    cache_path = None
+    if cache_dir is not None:
+        key = _files_key(paths, {"decode": "long_side", "long_side": long_side})
+        cache_path = os.path.join(cache_dir, f"{key}.npz")
+        cached = _load_photo_cache(cache_path, len(paths), long_side)
+        if cached is not None:
+            return cached
+    photos: list[np.ndarray] = []
+    ok = np.zeros(len(paths), dtype=bool)
+    failures: dict[str, int] = {}
+    for k, p in enumerate(tqdm(paths, desc=desc, unit="img", leave=False)):
+        try:
+            pixels = load_image_file(p).pixels
+        except DecodeError as e:
+            failures[e.error_type] = failures.get(e.error_type, 0) + 1
+            continue
+        photos.append(np.asarray(resize_long_side(Image.fromarray(pixels), long_side), dtype=np.uint8))
+        ok[k] = True
+    if failures:
+        log.warning("%s: %d of %d files did not decode %s", desc, sum(failures.values()), len(paths), failures)
+    if cache_path is not None:
+        from retrieval_core.io import atomic_local_file
+
+        shapes = np.array([p.shape for p in photos], dtype=np.int64).reshape(-1, 3)
+        flat = np.concatenate([p.ravel() for p in photos]) if photos else np.zeros(0, np.uint8)
+        with atomic_local_file(cache_path, suffix=".npz") as f:
+            np.savez(f, flat=flat, shapes=shapes, ok=ok)
+    return photos, ok
+
+
+def _load_photo_cache(path: str, n: int, long_side: int) -> tuple[list[np.ndarray], np.ndarray] | None:
+    """The cached ``(photos, ok)`` of :func:`decode_photos_long_side`, or None when absent or unusable."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            flat, shapes, ok = z["flat"], z["shapes"], z["ok"]
+    except Exception as e:  # a damaged cache must only cost a re-decode
+        log.warning("%s: unreadable cache (%s: %s); decoding again", path, type(e).__name__, e)
+        return None
+    sizes = np.prod(shapes, axis=1) if shapes.ndim == 2 else np.zeros(0, np.int64)
+    if (
+        ok.shape != (n,)
+        or ok.dtype != bool
+        or shapes.shape != (int(ok.sum()), 3)
+        or flat.dtype != np.uint8
+        or flat.size != int(sizes.sum())
+        or (len(shapes) and (shapes[:, :2].max(axis=1) != long_side).any())
+    ):
+        log.warning("%s: cache does not match the request; decoding again", path)
+        return None
+    ends = np.cumsum(sizes)
+    return [flat[end - size : end].reshape(shape) for end, size, shape in zip(ends, sizes, shapes)], ok

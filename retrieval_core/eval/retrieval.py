@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from retrieval_core.embedding_transform import l2_normalise
 from retrieval_core.eval.metrics import average_precision, average_precision_at_k, hit_rate_at_k, precision_at_k
 
 
@@ -45,26 +46,33 @@ def consumer_to_shop_recall(
     return out
 
 
-def _unit_rows(a: np.ndarray) -> np.ndarray:
+def _rows(a: np.ndarray, normalise: bool) -> np.ndarray:
     a = np.asarray(a, dtype=np.float64)
     if a.ndim != 2:
         raise ValueError(f"expected (N, D) embeddings, got shape {a.shape}")
-    return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    return l2_normalise(a, np.float64) if normalise else a
 
 
 def cosine_rankings(
-    query_emb: np.ndarray, gallery_emb: np.ndarray, chunk: int = 256
+    query_emb: np.ndarray, gallery_emb: np.ndarray, chunk: int = 256, normalise: bool = True
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Full cosine rankings of the gallery, ``chunk`` queries at a time.
 
-    Similarities are computed in float64 on L2-normalised rows; ties go to the lower gallery index (stable
-    sort), so the order is reproducible and the caller decides what the gallery order means.
+    Similarities are computed in float64 on L2-normalised rows (or the rows as given); ties go to the lower
+    gallery index (stable sort), so the order is reproducible and the caller decides what the gallery order means.
+
+    Args:
+        query_emb, gallery_emb: ``(Q, D)`` and ``(G, D)`` embeddings.
+        chunk: queries ranked at a time.
+        normalise: False: rank by the inner products of the rows as given, as an inner-product index
+            searches them. For features that are already what a bundle serves (unit rows): a served row that
+            is not unit then shows in the ranking instead of being repaired here.
 
     Yields:
         ``(start, order)``: ``order`` is ``(n, G)`` int64 gallery indices, best first, of queries
         ``start .. start + n - 1``.
     """
-    q, g = _unit_rows(query_emb), _unit_rows(gallery_emb)
+    q, g = _rows(query_emb, normalise), _rows(gallery_emb, normalise)
     if q.shape[1] != g.shape[1]:
         raise ValueError(f"embedding sizes differ: queries {q.shape[1]}, gallery {g.shape[1]}")
     for start in range(0, len(q), chunk):
@@ -81,6 +89,7 @@ def product_retrieval_metrics(
     gallery_categories: np.ndarray | None = None,
     category_map_at: tuple[int, ...] = (100,),
     chunk: int = 256,
+    normalise: bool = True,
 ) -> dict[str, float]:
     """Product retrieval by brute-force cosine ranking: R@k (hit rate), mAP, and category-level mAP@k.
 
@@ -88,7 +97,7 @@ def product_retrieval_metrics(
     counts as a miss with AP 0. Ties in score go to the lower gallery index.
 
     Args:
-        query_emb: ``(Q, D)`` query embeddings (normalised here).
+        query_emb: ``(Q, D)`` query embeddings (normalised here unless ``normalise`` is False).
         query_products: ``(Q,)`` each query's product.
         gallery_emb: ``(G, D)`` gallery embeddings.
         gallery_products: ``(G,)`` each gallery item's product.
@@ -98,6 +107,7 @@ def product_retrieval_metrics(
         category_map_at: cut-offs of ``category_map_at_<k>``: AP@k with relevant = same category, in the
             deep-hashing convention of :func:`~retrieval_core.eval.metrics.average_precision_at_k`.
         chunk: queries ranked at a time.
+        normalise: see :func:`cosine_rankings` (False: rank served features by their inner products).
 
     Returns:
         ``recall_at_<k>``, ``map_all`` (AP over the whole ranking; with one relevant item it is the mean
@@ -119,7 +129,7 @@ def product_retrieval_metrics(
     hits = {k: 0.0 for k in ks}
     ap = np.zeros(len(query_products))
     cat_ap = {k: np.zeros(len(query_products)) for k in cat_ks}
-    for start, order in cosine_rankings(query_emb, gallery_emb, chunk):
+    for start, order in cosine_rankings(query_emb, gallery_emb, chunk, normalise):
         rows = slice(start, start + len(order))
         ranked = gallery_products[order]
         for k in ks:
@@ -144,29 +154,38 @@ def category_retrieval_metrics(
     map_at: tuple[int, ...] = (100,),
     precision_at: tuple[int, ...] = (10,),
     chunk: int = 256,
+    normalise: bool = True,
 ) -> dict[str, float]:
     """Category-level retrieval by brute-force cosine ranking: relevant = same label (e.g. consumer-to-shop).
 
     Args:
-        query_emb, gallery_emb: ``(Q, D)`` and ``(G, D)`` embeddings (normalised here).
+        query_emb, gallery_emb: ``(Q, D)`` and ``(G, D)`` embeddings (normalised here unless ``normalise`` is False).
         query_labels, gallery_labels: ``(Q,)`` and ``(G,)`` labels; a gallery label no query has (e.g. -1 for
             "no class") is never relevant.
         map_at: cut-offs of ``map_at_<k>``: AP@k in the deep-hashing convention of
             :func:`~retrieval_core.eval.metrics.average_precision_at_k`.
         precision_at: cut-offs of ``precision_at_<k>``.
         chunk: queries ranked at a time.
+        normalise: see :func:`cosine_rankings` (False: rank served features by their inner products).
 
     Returns:
         The metrics averaged over queries; cut-offs larger than the gallery are left out.
+
+    Raises:
+        ValueError: not one label per query and per gallery item, or an empty gallery.
     """
     query_labels, gallery_labels = np.asarray(query_labels), np.asarray(gallery_labels)
+    if len(query_labels) != len(query_emb) or len(gallery_labels) != len(gallery_emb):
+        raise ValueError("need one label per query and per gallery item")
+    if len(gallery_labels) == 0:
+        raise ValueError("the gallery is empty")
     n_gallery = len(gallery_labels)
     map_at = tuple(k for k in map_at if k <= n_gallery)
     precision_at = tuple(k for k in precision_at if k <= n_gallery)
     kmax = max(map_at + precision_at, default=0)
     per_query = {f"map_at_{k}": np.zeros(len(query_labels)) for k in map_at}
     per_query.update({f"precision_at_{k}": np.zeros(len(query_labels)) for k in precision_at})
-    for start, order in cosine_rankings(query_emb, gallery_emb, chunk):
+    for start, order in cosine_rankings(query_emb, gallery_emb, chunk, normalise):
         rows = slice(start, start + len(order))
         relevant = gallery_labels[order[:, :kmax]] == query_labels[rows, None]
         for k in map_at:

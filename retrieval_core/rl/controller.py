@@ -30,7 +30,10 @@ class Controller(nn.Module):
 
     The input at each step is the embedding of the previous token (a learned start embedding first); each token
     kind (operand, unary, binary) has one output head. A position whose vocabulary is smaller than its kind's
-    (the first unit's operands cannot be ``prev``) uses the first logits of the head only.
+    (the first unit's operands cannot be ``prev``) uses the first logits of the head only. At the grammar's
+    guarded position (the last unit's second operand) the tokens :func:`~retrieval_core.rl.expressions.allowed_tokens`
+    rules out for a row get probability 0 (their logits are masked before the softmax), so no sampled sequence
+    describes a constant and the log-probabilities and entropies are those of the distribution sampled from.
 
     Args:
         grammar: the token layout to sample.
@@ -42,6 +45,9 @@ class Controller(nn.Module):
         super().__init__()
         self.kinds = grammar.token_kinds
         self.sizes = grammar.vocab_sizes
+        self.n_variables = len(grammar.variables)
+        self.prev_token = grammar.prev_token
+        self.guarded_position = grammar.guarded_position
         kind_sizes = grammar.kind_sizes
         # One embedding table for all kinds: token t of kind k is row offset[k] + t; the last row is the start.
         self.offsets: dict[str, int] = {}
@@ -67,15 +73,34 @@ class Controller(nn.Module):
         rows = torch.full((batch,), self.start_row, dtype=torch.long, device=weight.device)
         h = torch.zeros(batch, self.cell.hidden_size, device=weight.device, dtype=weight.dtype)
         tokens, log_prob, entropy = [], 0.0, 0.0
-        for kind, size in zip(self.kinds, self.sizes):
+        # Liveness (see expressions.allowed_tokens): does the previous unit, and this unit's first operand, use a
+        # variable?
+        prev_live = torch.zeros(batch, dtype=torch.bool, device=weight.device)
+        first_live = unit_live = prev_live
+        for position, (kind, size) in enumerate(zip(self.kinds, self.sizes)):
             h = self.cell(self.embedding(rows), h)
             logits = self.heads[kind](h)[:, :size]
+            if position == self.guarded_position:
+                ruled_out = torch.ones(batch, size, dtype=torch.bool, device=weight.device)
+                ruled_out[:, : self.n_variables] = False
+                if size > self.prev_token:
+                    ruled_out[:, self.prev_token] = ~prev_live
+                logits = logits.masked_fill(ruled_out & ~first_live[:, None], -math.inf)
             log_p = torch.log_softmax(logits, dim=1)
-            token = torch.multinomial(log_p.exp(), 1, generator=generator).squeeze(1)
+            p = log_p.exp()
+            token = torch.multinomial(p, 1, generator=generator).squeeze(1)
             log_prob = log_prob + log_p.gather(1, token[:, None]).squeeze(1)
-            entropy = entropy - (log_p.exp() * log_p).sum(dim=1)
+            entropy = entropy - (p * log_p.masked_fill(p == 0, 0.0)).sum(dim=1)  # 0 log 0 = 0
             tokens.append(token)
             rows = token + self.offsets[kind]
+            if kind == "operand":
+                live = (token < self.n_variables) | ((token == self.prev_token) & prev_live)
+                if position % 5 == 0:
+                    first_live = live
+                else:
+                    unit_live = first_live | live
+            elif kind == "binary":
+                prev_live = unit_live
         return torch.stack(tokens, dim=1), log_prob, entropy
 
 
@@ -101,7 +126,7 @@ class SearchResult:
         best_reward: its reward.
         history: one :class:`StepStats` per step.
         n_evaluated: distinct expressions the reward function was called on in this run.
-        n_distinct: distinct expressions sampled (some scored 0 without a call, or found in the cache).
+        n_distinct: distinct expressions sampled (some found in the cache).
         rewards: reward of every distinct expression sampled, by canonical string.
         seed: the seed of the run.
     """
@@ -130,7 +155,6 @@ def search(
     baseline_decay: float = 0.95,
     entropy_weight: float = 0.0025,
     hidden: int = 128,
-    skip_constant: bool = True,
     reward_cache: MutableMapping[str, float] | None = None,
     progress: bool = True,
 ) -> SearchResult:
@@ -142,7 +166,8 @@ def search(
 
     Args:
         grammar: the search space.
-        reward_fn: expression -> reward, higher is better (e.g. mAP of the transformed embeddings). An
+        reward_fn: expression -> reward, higher is better (e.g. mAP of the transformed embeddings). It only
+            ever sees expressions that use a variable (the controller cannot sample a constant). An
             :class:`ExpressionError` it raises (e.g. from non-finite values) scores 0; any other exception
             propagates, and so does a non-finite reward (a bug to see, not a bad expression to skip).
         steps: controller updates.
@@ -152,9 +177,6 @@ def search(
         baseline_decay: decay of the moving-average baseline.
         entropy_weight: weight of the entropy bonus, which keeps the controller exploring.
         hidden: GRU hidden size.
-        skip_constant: score expressions without a variable 0 without calling ``reward_fn``: a constant
-            transform or kernel carries no information, but a retrieval metric with ties or a majority-class SVM
-            could still give it a positive reward.
         reward_cache: rewards already known, by canonical string; filled in place as rewards arrive. Pass the
             rewards of an interrupted run with the same seed to resume it.
         progress: show a tqdm bar.
@@ -183,11 +205,8 @@ def search(
             expr = decode(row, grammar)
             key = str(expr)
             if key not in cache:
-                if skip_constant and not expr.variables():
-                    cache[key] = 0.0
-                else:
-                    cache[key] = _score(reward_fn, expr)
-                    n_evaluated += 1
+                cache[key] = _score(reward_fn, expr)
+                n_evaluated += 1
             reward = cache[key]
             seen[key] = reward
             rewards.append(reward)

@@ -16,6 +16,16 @@ operands ``a`` and ``b`` are a variable, a constant, or (from the second unit on
 The last unit is the expression. With the default two units that is 10 tokens, the length METHODS.md gives.
 :func:`decode` turns tokens into a tree literally: no simplification, so a unit the last one does not use is
 simply absent from the tree, and ``add(id(x), id(x))`` stays as it is.
+
+No sequence describes a constant: a constant transform or kernel carries no information, and with uniform
+tokens about half of the embedding grammar's sequences (51%; 16% of the kernel grammar's) would be one, a
+wasted sample. A unit is *live* when one of its operands is a variable, or ``prev`` of a live unit; the
+expression uses a variable exactly when the last unit is live. So one position is constrained: the last unit's
+second operand, when its first operand is not live, must be a variable, or ``prev`` if the previous unit is
+live (:func:`allowed_tokens`). Every other choice stays open, so every non-constant expression of the layout
+can still be written, and nothing else. The controller masks that position accordingly (its probabilities are
+renormalised over what is allowed), :func:`random_tokens` samples under the same rule, and :func:`decode`
+refuses a sequence that breaks it.
 """
 
 from __future__ import annotations
@@ -140,6 +150,16 @@ class Grammar:
         return tuple(
             n_leaves + (i >= 5) if kind == "operand" else sizes[kind] for i, kind in enumerate(self.token_kinds)
         )
+
+    @property
+    def prev_token(self) -> int:
+        """The operand token that stands for ``prev``: the last one of an operand position from the second unit on."""
+        return len(self.variables) + len(self.constants)
+
+    @property
+    def guarded_position(self) -> int:
+        """The position whose choices :func:`allowed_tokens` may restrict: the last unit's second operand."""
+        return 5 * (self.units - 1) + 2
 
     @property
     def kind_sizes(self) -> dict[str, int]:
@@ -438,11 +458,42 @@ def parse(text: str, grammar: Grammar) -> Expr:
 # ----------------------------------------------------------------------------------------- token encoding
 
 
+def _live_operand(token: int, grammar: Grammar, prev_live: bool) -> bool:
+    """Whether an operand token brings a variable: a variable itself, or ``prev`` of a live unit."""
+    return token < len(grammar.variables) or (token == grammar.prev_token and prev_live)
+
+
+def allowed_tokens(grammar: Grammar, prefix: Sequence[int]) -> np.ndarray:
+    """Which tokens may follow ``prefix``: a bool mask over the vocabulary of position ``len(prefix)``.
+
+    Everything is allowed except at :attr:`Grammar.guarded_position` when the last unit's first operand is not
+    live: there only the variables, and ``prev`` if the previous unit is live, so that the sequence cannot
+    describe a constant (see the module docstring).
+    """
+    position = len(prefix)
+    if position >= len(grammar.vocab_sizes):
+        raise ExpressionError(f"a sequence has {len(grammar.vocab_sizes)} tokens; there is no position {position}")
+    allowed = np.ones(grammar.vocab_sizes[position], dtype=bool)
+    if position != grammar.guarded_position:
+        return allowed
+    prev_live = False
+    for unit in range(grammar.units - 1):
+        a, _, b = (int(t) for t in prefix[5 * unit : 5 * unit + 3])
+        prev_live = _live_operand(a, grammar, prev_live) or _live_operand(b, grammar, prev_live)
+    if _live_operand(int(prefix[position - 2]), grammar, prev_live):
+        return allowed
+    allowed[len(grammar.variables) :] = False
+    if grammar.units > 1 and prev_live:
+        allowed[grammar.prev_token] = True
+    return allowed
+
+
 def decode(tokens: Sequence[int], grammar: Grammar) -> Expr:
     """The expression a controller's token sequence describes (see the module docstring for the layout).
 
     Raises:
-        ExpressionError: wrong length, or a token outside its position's vocabulary.
+        ExpressionError: wrong length, a token outside its position's vocabulary, or a sequence that describes
+            a constant (one :func:`allowed_tokens` rules out).
     """
     sizes = grammar.vocab_sizes
     if len(tokens) != len(sizes):
@@ -457,9 +508,17 @@ def decode(tokens: Sequence[int], grammar: Grammar) -> Expr:
         left = Unary(grammar.unary_ops[ua], leaves[a] if a < len(leaves) else prev)
         right = Unary(grammar.unary_ops[ub], leaves[b] if b < len(leaves) else prev)
         prev = Binary(grammar.binary_ops[op], left, right)
+    if not prev.variables():
+        raise ExpressionError(
+            f"tokens {[int(t) for t in tokens]} describe a constant, {prev}: the last unit must use a variable"
+        )
     return prev
 
 
 def random_tokens(grammar: Grammar, rng: np.random.Generator) -> list[int]:
-    """A uniformly random token sequence: for tests, and for a random-search baseline to compare the controller to."""
-    return [int(rng.integers(size)) for size in grammar.vocab_sizes]
+    """A random token sequence, each token uniform over what :func:`allowed_tokens` allows after the ones before:
+    for tests, and for a random-search baseline to compare the controller to."""
+    tokens: list[int] = []
+    for _ in grammar.vocab_sizes:
+        tokens.append(int(rng.choice(np.flatnonzero(allowed_tokens(grammar, tokens)))))
+    return tokens
