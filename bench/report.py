@@ -255,6 +255,12 @@ def main(argv: list[str] | None = None) -> int:
         lines += section(rows, img_dir, "img") if rows else [f"## {name}", "", f"(no `{name}.json` yet)", ""]
     with open(args.out, "w") as f:
         f.write("\n".join(lines))
+    curves = os.path.join(args.results, "hashing-curves.json")
+    if os.path.exists(curves):  # the precision curves that docs/results.md's bench-hashing section shows
+        from bench.hashing import plot_curves
+
+        with open(curves) as f:
+            plot_curves(json.load(f), img_dir)
     print(f"wrote {args.out} and plots in {img_dir}")
     return 0
 
