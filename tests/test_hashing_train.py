@@ -210,3 +210,22 @@ def test_real_fashion_mnist_slice(tmp_path):
     assert run.bundle.training["database_size"] == 2048 and run.bundle.training["query_size"] == 256
     assert run.bundle.categories == fashion_mnist.CLASSES
     assert run.metrics["map_all"] > 0.4  # ten balanced classes: chance is about 0.1
+
+
+def test_every_training_flag_defaults_to_its_config_field():
+    """The CLI trains what the dataclass says; a field that defaults to True can be turned off."""
+    from dataclasses import asdict
+
+    from retrieval_core.train import baseline, gsn, svm_kernel
+
+    for module, config in (
+        (hashing, hashing.HashingConfig),
+        (gsn, gsn.GSNConfig),
+        (svm_kernel, svm_kernel.SVMKernelConfig),
+        (baseline, baseline.TrainConfig),
+    ):
+        parsed = vars(module.get_args_parser().parse_args([]))
+        for name, value in asdict(config()).items():
+            assert parsed[name] == (list(value) if isinstance(value, tuple) else value), (config.__name__, name)
+    assert hashing.HashingConfig().adv_binary
+    assert not hashing.get_args_parser().parse_args(["--no-adv_binary"]).adv_binary

@@ -14,14 +14,15 @@ import torch.nn.functional as F
 def config_args_parser(config_cls: type, description: str) -> argparse.ArgumentParser:
     """One ``--<field>`` flag per field of a config dataclass, defaulting to the field's default.
 
-    Booleans become ``store_true`` flags and tuples ``nargs="+"`` lists of their first element's type.
+    Booleans become ``--<field>`` / ``--no-<field>`` pairs (so a field that defaults to True can be turned off,
+    and the default is the dataclass's), tuples ``nargs="+"`` lists of their first element's type.
     """
     p = argparse.ArgumentParser(description=description)
     defaults = asdict(config_cls())
     for f in fields(config_cls):
         default = defaults[f.name]
         if isinstance(default, bool):
-            p.add_argument(f"--{f.name}", action="store_true")
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default)
         elif isinstance(default, tuple):
             p.add_argument(f"--{f.name}", type=type(default[0]), nargs="+", default=list(default))
         else:
