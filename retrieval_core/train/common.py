@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +45,10 @@ def work_dir(out: str, config) -> str:
     return work
 
 
-def resume_mismatch(saved: dict, config, ignore: tuple[str, ...] = ("out", "resume", "threads", "cache_dir")) -> str:
+RESUME_IGNORES = ("out", "resume", "threads", "cache_dir")  # settings that do not change what is trained
+
+
+def resume_mismatch(saved: dict, config, ignore: tuple[str, ...] = RESUME_IGNORES) -> str:
     """What differs between a checkpoint's config and this run's ("" when nothing that matters does).
 
     Resuming with other epochs, data or losses would silently mix two runs (or fail deep in the scheduler).
@@ -67,6 +70,52 @@ def load_checkpoint(path: str) -> dict | None:
     if not os.path.exists(path):
         return None
     return torch.load(path, weights_only=True)
+
+
+@dataclass
+class RunProgress:
+    """Where a resumable training run stands: its checkpoint, the next epoch, the history and time so far."""
+
+    ckpt_path: str
+    start_epoch: int = 0
+    history: list = field(default_factory=list)
+    train_s: float = 0.0
+
+    def save(self, trainer, config, epoch: int) -> None:
+        """Checkpoint ``trainer`` (its ``state_dict()``) after ``epoch`` (0-based) with the history and time."""
+        save_checkpoint(
+            self.ckpt_path,
+            {
+                **trainer.state_dict(),
+                "epoch": epoch + 1,
+                "history": json.dumps(self.history),
+                "train_s": self.train_s,
+                "config": json.dumps(asdict(config)),
+            },
+        )
+
+
+def resume_or_start(config, trainer, ignore: tuple[str, ...] = RESUME_IGNORES) -> RunProgress:
+    """Load ``<out>.work/checkpoint.pt`` into ``trainer`` when ``config.resume`` and it exists, else start fresh.
+
+    Writes the config beside the checkpoint either way.
+
+    Raises:
+        ValueError: the checkpoint was written by a configuration that differs in a field not in ``ignore``.
+    """
+    progress = RunProgress(os.path.join(config.out.rstrip("/") + ".work", "checkpoint.pt"))
+    ckpt = load_checkpoint(progress.ckpt_path) if config.resume else None
+    if ckpt is not None:
+        mismatch = resume_mismatch(json.loads(ckpt["config"]), config, ignore)
+        if mismatch:
+            raise ValueError(f"--resume: {progress.ckpt_path} was written by another configuration ({mismatch})")
+        trainer.load_state_dict(ckpt)
+        progress.start_epoch = int(ckpt["epoch"])
+        progress.history = json.loads(ckpt["history"])
+        progress.train_s = float(ckpt["train_s"])
+        print(f"resumed from {progress.ckpt_path} at epoch {progress.start_epoch}")
+    work_dir(config.out, config)  # the config beside the checkpoint
+    return progress
 
 
 def augment(

@@ -96,24 +96,21 @@ from retrieval_core.data.product_retrieval import (
     load_synthetic,
 )
 from retrieval_core.embedding_transform import EmbeddingTransformError, serve_embeddings
-from retrieval_core.embedding_transform import parse_embedding_transform as parse_transform
+from retrieval_core.embedding_transform import (
+    parse_embedding_transform as parse_transform,
+)
 from retrieval_core.encoder import keep_freed_memory_for_reuse, pack_codes
-from retrieval_core.eval.retrieval import category_retrieval_metrics, product_retrieval_metrics
+from retrieval_core.eval.retrieval import (
+    category_retrieval_metrics,
+    product_retrieval_metrics,
+)
 from retrieval_core.losses import create_loss
 from retrieval_core.losses.gsn import GridTripletLoss, grid_scores
 from retrieval_core.models import create_model
 from retrieval_core.preprocess import Preprocessing, to_model_input
 from retrieval_core.rl.controller import search
 from retrieval_core.rl.expressions import EMBEDDING_GRAMMAR, Expr
-from retrieval_core.train.common import (
-    augment,
-    config_args_parser,
-    config_from_args,
-    load_checkpoint,
-    resume_mismatch,
-    save_checkpoint,
-    work_dir,
-)
+from retrieval_core.train.common import augment, config_args_parser, config_from_args, resume_or_start
 
 DATASETS = ("synthetic", "clothing-small")
 LOSSES = ("gsn", "gsn-softmax", "triplet")
@@ -654,36 +651,19 @@ def main(cfg: GSNConfig, data: ProductRetrievalData | None = None) -> GSNRun:
         raise ValueError(f"{len(data.train_query_products)} training queries is fewer than one step of grids")
     trainer = build_trainer(cfg, data.prep, len(data.classes), steps_per_epoch)
 
-    ckpt_path = os.path.join(cfg.out.rstrip("/") + ".work", "checkpoint.pt")
-    start_epoch, history, train_s = 0, [], 0.0
-    ckpt = load_checkpoint(ckpt_path) if cfg.resume else None
-    if ckpt is not None:
-        mismatch = resume_mismatch(json.loads(ckpt["config"]), cfg, ignore=NOT_TRAINING)
-        if mismatch:
-            raise ValueError(f"--resume: {ckpt_path} was written by another configuration ({mismatch})")
-        trainer.load_state_dict(ckpt)
-        start_epoch, history, train_s = int(ckpt["epoch"]), json.loads(ckpt["history"]), float(ckpt["train_s"])
-        print(f"resumed from {ckpt_path} at epoch {start_epoch}")
-    work_dir(cfg.out, cfg)  # the config beside the checkpoint
-    for epoch in range(start_epoch, cfg.epochs):
+    progress = resume_or_start(cfg, trainer, ignore=NOT_TRAINING)
+    history = progress.history
+    for epoch in range(progress.start_epoch, cfg.epochs):
         started = time.perf_counter()
         stats = train_one_epoch(trainer, data, sampler, epoch)
-        train_s += time.perf_counter() - started
+        progress.train_s += time.perf_counter() - started
         record = {"epoch": epoch + 1, **{f"loss_{k}": round(v, 4) for k, v in stats.items()}}
         if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
             record.update({k: round(v, 4) for k, v in evaluate(trainer.model, data, with_shop=False).metrics.items()})
         history.append(record)
         print(json.dumps(record))
-        save_checkpoint(
-            ckpt_path,
-            {
-                **trainer.state_dict(),
-                "epoch": epoch + 1,
-                "history": json.dumps(history),
-                "train_s": train_s,
-                "config": json.dumps(asdict(cfg)),
-            },
-        )
+        progress.save(trainer, cfg, epoch)
+    train_s = progress.train_s
 
     started = time.perf_counter()
     model = trainer.model.eval()

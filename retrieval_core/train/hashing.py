@@ -48,15 +48,7 @@ from retrieval_core.losses.hashing import same_class_partners
 from retrieval_core.models import create_model
 from retrieval_core.models.hashing import CodePairDiscriminator
 from retrieval_core.preprocess import Preprocessing, to_model_input
-from retrieval_core.train.common import (
-    augment,
-    config_args_parser,
-    config_from_args,
-    load_checkpoint,
-    resume_mismatch,
-    save_checkpoint,
-    work_dir,
-)
+from retrieval_core.train.common import augment, config_args_parser, config_from_args, resume_or_start
 
 DATASETS = ("fashion-mnist", "clothing-small", "fashion-product-small")
 ADVERSARIES = ("pair", "prior")
@@ -430,33 +422,16 @@ def main(cfg: HashingConfig, data: HashingData | None = None) -> HashingRun:
         raise ValueError(f"{len(data.db_labels)} training images is fewer than one batch of {cfg.batch_size}")
     trainer = build_trainer(cfg, len(data.classes), steps_per_epoch)
 
-    ckpt_path = os.path.join(cfg.out.rstrip("/") + ".work", "checkpoint.pt")
-    start_epoch, history, train_s = 0, [], 0.0
-    ckpt = load_checkpoint(ckpt_path) if cfg.resume else None
-    if ckpt is not None:
-        mismatch = resume_mismatch(json.loads(ckpt["config"]), cfg)
-        if mismatch:
-            raise ValueError(f"--resume: {ckpt_path} was written by another configuration ({mismatch})")
-        trainer.load_state_dict(ckpt)
-        start_epoch, history, train_s = int(ckpt["epoch"]), json.loads(ckpt["history"]), float(ckpt["train_s"])
-        print(f"resumed from {ckpt_path} at epoch {start_epoch}")
-    work_dir(cfg.out, cfg)  # the config beside the checkpoint
-    for epoch in range(start_epoch, cfg.epochs):
+    progress = resume_or_start(cfg, trainer)
+    history = progress.history
+    for epoch in range(progress.start_epoch, cfg.epochs):
         started = time.perf_counter()
         stats = train_one_epoch(trainer, data, epoch)
-        train_s += time.perf_counter() - started
+        progress.train_s += time.perf_counter() - started
         history.append({"epoch": epoch + 1, **{f"loss_{k}": round(v, 4) for k, v in stats.items()}})
         print(json.dumps(history[-1]))
-        save_checkpoint(
-            ckpt_path,
-            {
-                **trainer.state_dict(),
-                "epoch": epoch + 1,
-                "history": json.dumps(history),
-                "train_s": train_s,
-                "config": json.dumps(asdict(cfg)),
-            },
-        )
+        progress.save(trainer, cfg, epoch)
+    train_s = progress.train_s
 
     bundle = BundleConfig(
         model_name="baseline_cnn",
