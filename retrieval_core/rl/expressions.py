@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -177,7 +178,7 @@ KERNEL_GRAMMAR = Grammar(variables=("dot", "l2sq", "l1", "cosine"))
 """SVM kernels k(a, b) over the matrices of :func:`pairwise_variables`."""
 
 
-class Expr:
+class Expr(ABC):
     """Base of the expression tree nodes."""
 
     def evaluate(self, env: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -205,27 +206,31 @@ class Expr:
             raise ExpressionError(f"{self} is not finite on {bad} of {np.size(value)} values")
         return value
 
-    def _eval(self, env: Mapping[str, np.ndarray], dtype: np.dtype) -> np.ndarray:
-        raise NotImplementedError
+    @abstractmethod
+    def _eval(self, env: Mapping[str, np.ndarray], dtype: np.dtype) -> np.ndarray: ...
 
+    @abstractmethod
     def to_string(self) -> str:
         """Canonical text, e.g. ``mul(tanh(x), x)``; :func:`parse` reads it back."""
-        raise NotImplementedError
+        ...
 
     def __str__(self) -> str:
         return self.to_string()
 
+    @abstractmethod
     def variables(self) -> frozenset[str]:
         """Names of the variables the expression uses; empty for a constant (useless) function."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def depth(self) -> int:
         """Height of the tree; a leaf has depth 1."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def size(self) -> int:
         """Number of nodes."""
-        raise NotImplementedError
+        ...
 
 
 @dataclass(frozen=True)
