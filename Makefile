@@ -60,7 +60,7 @@ bench-hashing-ablation: $(STAMP)  ## the ADSH adversary's variants vs DCH, 3 see
 	-@$(MAKE) --no-print-directory data  # Fashion-MNIST from Debian; without it those rows are skipped
 	$(PY) -m bench.hashing_ablation --artifacts $(ART) $(BENCH_ARGS)
 
-bench-gsn: $(STAMP)  ## GSN vs triplet (+ the RL embedding transform), RL SVM kernels vs linear/RBF (~75 min; --quick: minutes)
+bench-gsn: $(STAMP)  ## GSN vs triplet (+ the RL embedding transform), RL SVM kernels vs linear/RBF (~25 min; --quick: minutes)
 	-@$(MAKE) --no-print-directory data  # Fashion-MNIST from Debian; without it those rows are skipped
 	$(PY) -m bench.gsn --artifacts $(ART) $(BENCH_ARGS)
 

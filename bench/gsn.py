@@ -37,16 +37,12 @@ Writes ``bench/results/gsn.json`` (after each dataset, keeping the rows of datas
 of ``docs/results.md`` between ``<!-- bench-gsn:begin -->`` and ``<!-- bench-gsn:end -->``. A dataset whose data
 is not on this machine is skipped, saying why.
 
-Time on 2 CPU cores (estimated from the jobs' measurements, not from a full run of this benchmark): a GSN
-step of 160 images at 64 px took ~0.95 s on one core while another job ran, so an epoch is ~3 min on either
-dataset and each network trains in ~15 min at the default 5 epochs (under the 20-minute budget); evaluation
-adds ~15 s, consumer-to-shop 1 to 2.5 min per network (plus ~2.5 min to decode the shop photos the first
-time, then cached), the transform search under a minute. An SVM fit on the 3,000 x 3,000 kernels takes
-~0.45 s (measured on one busy core), so a kernel search (60 x 16 samples, a few hundred distinct) and the
-grids take ~3 to 6 min per dataset. clothing-small's distorted views (made at 256 px) cost ~4 ms each, ~12 s
-an epoch, and decoding the photos at 256 px ~25 s the first time. In all: synthetic ~32 min, clothing-small
-~40 min, the SVMs ~10 min: ~80 min at most, less when both cores are free. ``--quick`` (1 epoch on seeded
-slices, small SVM subsets, a few controller steps) takes a few minutes.
+Time on 2 CPU cores, measured by a full run on a fresh clone (quiet machine, empty decode cache; the
+dataset wall times are in the doc): synthetic 9.4 min (each network ~4.5 min: 5 epochs of ~55 s, 180 steps
+of 160 images at 64 px), clothing-small 12.5 min (each network ~5.5 min; consumer-to-shop and decoding the
+39,680 shop photos once included), the SVM kernel searches 1 to 1.5 min per dataset: ~25 min in all, plus
+`make setup` on a fresh clone. Every training run is far under the 20-minute budget. ``--quick`` (1 epoch on
+seeded slices, small SVM subsets, a few controller steps) takes a few minutes.
 """
 
 from __future__ import annotations

@@ -60,9 +60,10 @@ The report half is scored by neither and is what the benchmark reports: its metr
 and without the transform are ``report_*`` and ``report_transformed_*`` in the bundle's metrics. Select,
 confirm and report numbers are in ``training["transform_search"]``.
 
-Time (2 CPU cores, the default sizes): a step of 160 images at 64 px took ~0.95 s on one core while another
-job ran (measured, a few steps), so an epoch takes ~3 min for clothing-small (3,068 queries: 191 steps) and for
-synthetic (2,880 consumer views: 180 steps); the default 5 epochs train in ~15 min. clothing-small's views
+Time (2 quiet CPU cores, the default sizes; ``make bench-gsn``'s full run): a step of 160 images at 64 px takes
+~0.3 s (~0.6 s on one core while another job runs), so an epoch takes ~55 s for synthetic (2,880 consumer
+views: 180 steps) and ~65 s for clothing-small (3,068 queries: 191 steps); the default 5 epochs trained in
+270 s and 320-340 s. clothing-small's views
 cost ~4 ms each on one core (measured, 300 views at 256 px), ~12 s an epoch more, and the 256-px decode of
 the photos ~25 s once (then cached; ~0.45 GB in memory for the train photos). Evaluation adds ~15 s,
 consumer-to-shop ~1 to 2.5 min more (embedding ~40k shop photos; decoding them once is ~2.5 min, then cached),
@@ -169,7 +170,7 @@ class GSNConfig:
     hard_fraction: float = 0.5
     cells: int = 9  # a 3x3 grid
     grids_per_batch: int = 16  # 16 x (1 + 9) = 160 images a step
-    epochs: int = 5  # ~3 min each on 2 cores at 64 px (both datasets): a run fits in 20 min (module docstring)
+    epochs: int = 5  # ~1 min each on 2 quiet cores at 64 px (make bench-gsn measured 55-65 s): far under 20 min
     lr: float = 3e-3
     weight_decay: float = 5e-4
     w_category: float = 0.1
