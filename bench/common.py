@@ -8,6 +8,8 @@ import platform
 import subprocess
 import time
 
+from retrieval_core.io import atomic_local_file
+
 RESULTS_DIR = os.path.join("bench", "results")
 
 
@@ -68,8 +70,6 @@ def pipeline_argv(catalog: str, output: str, bundle: str, run_id: str, *extra: s
 def write_rows(name: str, rows: list[dict], out: str | None = None) -> str:
     """Write ``rows`` (the CONVENTIONS.md row shape) to ``bench/results/<name>.json``; returns the path."""
     path = out or os.path.join(RESULTS_DIR, f"{name}.json")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(rows, f, indent=2)
-        f.write("\n")
+    with atomic_local_file(path) as f:  # a run killed mid-write leaves the previous rows, never half a file
+        f.write((json.dumps(rows, indent=2) + "\n").encode())
     return path

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench import hamming, incremental, index_build, report
+from bench.common import write_rows
 
 
 def test_hamming_bench_and_report(tmp_path):
@@ -66,3 +69,14 @@ def test_index_build_bench_and_report(tmp_path):
     page = tmp_path / "benchmarks.md"
     assert report.main(["--results", str(results), "--out", str(page)]) == 0
     assert "IVF512,PQ4,Refine(SQ8)" in page.read_text() and (tmp_path / "img" / "index_build.png").exists()
+
+
+def test_write_rows_replaces_the_file_whole_or_not_at_all(tmp_path):
+    out = tmp_path / "results" / "x.json"
+    rows = [{"method": "a", "dataset": "d", "value": 0.5}]
+    assert write_rows("x", rows, out=str(out)) == str(out)
+    assert json.loads(out.read_text()) == rows and out.read_text().endswith("\n")
+    with pytest.raises(TypeError):  # not JSON: the old rows stay, and no temporary file is left behind
+        write_rows("x", [{"method": object()}], out=str(out))
+    assert json.loads(out.read_text()) == rows
+    assert sorted(p.name for p in out.parent.iterdir()) == ["x.json"]
