@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -81,6 +81,9 @@ class EncodedBatch:
     category: list[str]
     category_score: np.ndarray  # (N,) float32 softmax probability of the predicted category
     attributes: list[dict[str, str]]
+    # row -> why the bundle's embedding transform cannot serve that image (its embedding row is zero); only
+    # filled by ``encode(..., row_errors=True)``
+    errors: dict[int, str] = field(default_factory=dict)
 
 
 class Encoder:
@@ -105,26 +108,37 @@ class Encoder:
         config, model = load_bundle(bundle_dir, device)
         return cls(config, model, device)
 
-    def encode(self, pixels: np.ndarray | list[np.ndarray]) -> EncodedBatch:
+    def encode(self, pixels: np.ndarray | list[np.ndarray], row_errors: bool = False) -> EncodedBatch:
         """Encode a batch of images already resized to the bundle's input size.
 
         The embeddings are ``serve_embeddings(raw, transform)``: the model's embedding L2-normalised, or, with an
         ``embedding_transform`` in the bundle, f on the L2-normalised embedding, normalised again.
 
+        The transform was checked on [-1, 1] when the bundle was read, so it can fail only where an image's
+        embedding lies entirely, e.g. ``sub(x, abs(x))`` on an all-positive one: it is not finite there, or maps
+        it to the zero vector.
+
+        Args:
+            pixels: (N, H, W, 3) uint8 images.
+            row_errors: what such an image does. False (queries): the batch raises. True (the pipeline): its
+                row's embedding is zero and ``errors[row]`` says why (the pipeline makes it a dead-letter row);
+                the other images are served as usual.
+
         Raises:
-            EmbeddingTransformError: the transform is not finite on some image's embedding, or maps it to the zero
-                vector. The whole batch fails: in the pipeline each of its images becomes a dead-letter row
-                (stage ``inference``, this error type and message), and a query fails with this error. The
-                transform was checked on [-1, 1] when the bundle was read, so this needs a transform that
-                vanishes where an embedding lies entirely, e.g. ``sub(x, abs(x))`` on an all-positive one.
+            EmbeddingTransformError: with ``row_errors=False``, an image the transform cannot serve; the
+                message names the bundle, the expression and the rows.
         """
         x = torch.from_numpy(to_model_input(np.stack(list(pixels)), self.config.preprocessing)).to(self.device)
         with torch.inference_mode(), torch.autocast("cuda", enabled=self.autocast):
             out = self.model(x)
+        raw = out["embedding"].float().cpu().numpy()
+        errors: dict[int, str] = {}
         try:
-            emb = serve_embeddings(out["embedding"].float().cpu().numpy(), self.embedding_transform)
+            emb = serve_embeddings(raw, self.embedding_transform)
         except EmbeddingTransformError as e:
-            raise EmbeddingTransformError(f"bundle {self.config.model_id}: {e}") from e
+            if not row_errors:
+                raise EmbeddingTransformError(f"bundle {self.config.model_id}: {e}") from e
+            emb, errors = self._serve_row_by_row(raw)
         codes = pack_codes(out["hash"].float().cpu().numpy())
         probs = out["category"].float().softmax(dim=1).cpu()
         score, idx = probs.max(dim=1)
@@ -133,4 +147,15 @@ class Encoder:
         for name, vocab in self.config.attributes.items():
             for row, i in zip(attrs, out[f"attr.{name}"].argmax(dim=1).tolist()):
                 row[name] = vocab[i]
-        return EncodedBatch(emb.astype(np.float32), codes, cats, score.numpy().astype(np.float32), attrs)
+        return EncodedBatch(emb.astype(np.float32), codes, cats, score.numpy().astype(np.float32), attrs, errors)
+
+    def _serve_row_by_row(self, raw: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
+        """``serve_embeddings`` one row at a time (a batch has failed): the rows that work, and why the rest fail."""
+        emb = np.zeros(raw.shape, np.float32)
+        errors: dict[int, str] = {}
+        for i in range(len(raw)):
+            try:
+                emb[i] = serve_embeddings(raw[i : i + 1], self.embedding_transform)[0]
+            except EmbeddingTransformError as e:
+                errors[i] = f"bundle {self.config.model_id}: {e}".replace("rows [0] of 1", "this image's embedding")
+        return emb, errors

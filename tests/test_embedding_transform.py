@@ -131,19 +131,94 @@ def test_encoder_applies_the_transform(transformed_bundle, tiny_bundle):
     assert out.category == before.category and out.attributes == before.attributes
 
 
-def test_encoder_error_names_bundle_and_expression(tiny_bundle):
+def _erasing_encoder(tiny_bundle) -> Encoder:
+    """The tiny bundle with ``sub(x, abs(x))``, whose model makes the embedding of every bright image (mean
+    model input > 0) all-positive: the transform erases exactly those images and serves the others."""
     config, model = load_bundle(tiny_bundle[0])
     config = dataclasses.replace(config, embedding_transform="sub(x, abs(x))", model_id="m-transformed")
 
-    class Positive(torch.nn.Module):  # every coordinate >= 0: the transform erases every row
+    class PositiveWhenBright(torch.nn.Module):
         def forward(self, x):
             out = model(x)
-            return {**out, "embedding": out["embedding"].abs()}
+            bright = x.flatten(1).mean(1, keepdim=True) > 0
+            return {**out, "embedding": torch.where(bright, out["embedding"].abs(), out["embedding"])}
 
-    pixels = np.zeros((3, 32, 32, 3), np.uint8)
-    message = r"bundle m-transformed: .*sub\(x, abs\(x\)\) maps rows \[0, 1, 2\]"
+    return Encoder(config, PositiveWhenBright())
+
+
+def _bright_and_dark(n: int, bright: set[int]) -> np.ndarray:
+    pixels = np.random.default_rng(0).integers(0, 40, (n, 32, 32, 3), dtype=np.uint8)
+    pixels[sorted(bright)] = 255
+    return pixels
+
+
+def test_encoder_error_names_bundle_and_expression(tiny_bundle):
+    message = r"bundle m-transformed: .*sub\(x, abs\(x\)\) maps rows \[0, 2\] of 3"
     with pytest.raises(EmbeddingTransformError, match=message):
-        Encoder(config, Positive()).encode(pixels)
+        _erasing_encoder(tiny_bundle).encode(_bright_and_dark(3, {0, 2}))
+
+
+def test_encoder_row_errors_fail_only_the_images_the_transform_cannot_serve(tiny_bundle):
+    enc = _erasing_encoder(tiny_bundle)
+    pixels = _bright_and_dark(5, {1, 3})
+    out = enc.encode(pixels, row_errors=True)
+    assert sorted(out.errors) == [1, 3]
+    assert out.errors[1] == (
+        "bundle m-transformed: embedding transform sub(x, abs(x)) maps this image's embedding to the zero vector"
+    )
+    assert not out.embeddings[[1, 3]].any()
+    good = enc.encode(pixels[[0, 2, 4]])  # the others: exactly what a batch without the bad images gives
+    assert good.errors == {}
+    np.testing.assert_allclose(out.embeddings[[0, 2, 4]], good.embeddings, atol=1e-6)
+    np.testing.assert_array_equal(out.codes[[0, 2, 4]], good.codes)
+    assert enc.encode(pixels[[0, 2, 4]], row_errors=True).errors == {}
+
+
+def test_embed_dead_letters_only_the_images_the_transform_cannot_serve(tiny_bundle, monkeypatch):
+    import datetime as dt
+
+    import apache_beam as beam
+    from apache_beam.testing.util import assert_that
+
+    from pipelines.transforms.inference import Embed
+
+    enc = _erasing_encoder(tiny_bundle)
+    monkeypatch.setattr(Encoder, "from_bundle", classmethod(lambda cls, bundle_dir, device="cpu": enc))
+    pixels = _bright_and_dark(6, {2, 5})
+    meta = [
+        {
+            "item_id": f"i{i}",
+            "image_uri": f"mem://i{i}.jpg",
+            "content_sha256": f"{i:064x}",
+            "width": 32,
+            "height": 32,
+            "catalog": {},
+            "source_stamp": "s",
+        }
+        for i in range(6)
+    ]
+
+    def rows_are(expected_ids):
+        def check(rows):
+            assert sorted(r["item_id"] for r in rows) == expected_ids
+            assert all(abs(np.linalg.norm(r["embedding"]) - 1) < 1e-5 for r in rows)
+
+        return check
+
+    def dead_letters_are(expected_ids):
+        def check(rows):
+            assert sorted(r["item_id"] for r in rows) == expected_ids
+            for r in rows:
+                assert r["stage"] == "inference" and r["error_type"] == "EmbeddingTransformError", r
+                assert "maps this image's embedding to the zero vector" in r["error_message"], r
+
+        return check
+
+    with beam.Pipeline("DirectRunner") as p:
+        decoded = p | beam.Create(list(zip(meta, pixels)))
+        rows, dead = decoded | Embed(tiny_bundle[0], "cpu", 4, "r1", dt.datetime(2026, 1, 1))
+        assert_that(rows, rows_are(["i0", "i1", "i3", "i4"]), label="rows")
+        assert_that(dead, dead_letters_are(["i2", "i5"]), label="dead")
 
 
 def test_pipeline_and_searcher_use_the_transform(tmp_path, transformed_bundle, tiny_bundle):

@@ -176,7 +176,7 @@ def test_inference_failure_becomes_dead_letters(tmp_path, tiny_bundle, monkeypat
     """A batch the model cannot run is dead-lettered row by row; the run still publishes (an empty index)."""
     from retrieval_core.encoder import Encoder
 
-    def broken_encode(self, pixels):
+    def broken_encode(self, pixels, row_errors=False):
         raise RuntimeError("simulated CUDA out of memory")
 
     monkeypatch.setattr(Encoder, "encode", broken_encode)

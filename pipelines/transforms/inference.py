@@ -3,7 +3,8 @@
 ``BundleModelHandler`` is a Beam ``ModelHandler`` that builds the model from a
 bundle directory on the worker (nothing live is pickled into the graph) and
 encodes whole batches; ``Embed`` wraps it in ``KeyedModelHandler`` so each
-image's metadata rides along as the key, and routes failed batches to the
+image's metadata rides along as the key, and routes failed batches, and the
+single images the bundle's embedding transform cannot serve, to the
 dead-letter output instead of failing the run.
 """
 
@@ -18,6 +19,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 
 from pipelines.transforms.dead_letter import dead_letter_row
+from retrieval_core.embedding_transform import EmbeddingTransformError
 from retrieval_core.encoder import Encoder
 
 
@@ -44,8 +46,11 @@ class BundleModelHandler(ModelHandler[np.ndarray, PredictionResult, Encoder]):
     def run_inference(
         self, batch: Sequence[np.ndarray], model: Encoder, inference_args: dict | None = None
     ) -> Iterable[PredictionResult]:
-        encoded = model.encode(batch)
+        encoded = model.encode(batch, row_errors=True)
         for i in range(len(batch)):
+            if i in encoded.errors:  # the bundle's transform cannot serve this image: Embed dead-letters it
+                yield PredictionResult(None, {"error": encoded.errors[i]}, model_id=model.config.model_id)
+                continue
             yield PredictionResult(
                 example=None,  # the pixels are not needed downstream; don't carry them
                 inference={
@@ -110,6 +115,32 @@ class _FailedBatchToDeadLetters(beam.DoFn):
             )
 
 
+class _ToFeatureRow(beam.DoFn):
+    """(metadata, prediction) -> a feature row, or a dead-letter row (tag ``dead``) for an image whose
+    prediction is an error (``BundleModelHandler.run_inference``: the transform cannot serve it)."""
+
+    def __init__(self, run_id: str, indexed_at: dt.datetime) -> None:
+        self.run_id, self.indexed_at = run_id, indexed_at
+        self.failed = Metrics.counter("inference", "failed")
+
+    def process(self, element):
+        meta, result = element
+        error = result.inference.get("error")
+        if error is None:
+            yield to_feature_row(meta, result, self.run_id, self.indexed_at)
+            return
+        self.failed.inc()
+        row = dead_letter_row(
+            "inference",
+            EmbeddingTransformError.__name__,
+            error,
+            run_id=self.run_id,
+            item_id=meta["item_id"],
+            image_uri=meta["image_uri"],
+        )
+        yield beam.pvalue.TaggedOutput("dead", row)
+
+
 class Embed(beam.PTransform):
     """(metadata, pixels) -> (feature rows, dead letters) with batched RunInference."""
 
@@ -121,6 +152,6 @@ class Embed(beam.PTransform):
     def expand(self, decoded):
         run_id, indexed_at = self.run_id, self.indexed_at
         main, other = decoded | "RunInference" >> RunInference(self.handler).with_exception_handling()
-        rows = main | "ToFeatureRow" >> beam.MapTuple(lambda meta, res: to_feature_row(meta, res, run_id, indexed_at))
-        dead = other.failed_inferences | "FailedToDeadLetter" >> beam.ParDo(_FailedBatchToDeadLetters(run_id))
-        return rows, dead
+        out = main | "ToFeatureRow" >> beam.ParDo(_ToFeatureRow(run_id, indexed_at)).with_outputs("dead", main="rows")
+        bad_batches = other.failed_inferences | "FailedToDeadLetter" >> beam.ParDo(_FailedBatchToDeadLetters(run_id))
+        return out.rows, (out.dead, bad_batches) | "InferenceDeadLetters" >> beam.Flatten()
