@@ -21,9 +21,12 @@ $(STAMP): setup.py constraints.txt
 	touch $(STAMP)
 
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
+# Where the reader looks first (retrieval_core.data.paths): $RETRIEVAL_DATA_DIR, else ../shared/datasets.
+FMNIST_LOCAL := $(or $(RETRIEVAL_DATA_DIR),$(abspath ../shared/datasets))/fashion-mnist
 
 data:  ## install real Fashion-MNIST from Debian (dataset-fashion-mnist) if it is missing
-	@if [ -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ]; then echo "fashion-mnist: present in $(FMNIST_DIR)"; \
+	@if [ -f $(FMNIST_LOCAL)/train-images-idx3-ubyte.gz ]; then echo "fashion-mnist: present in $(FMNIST_LOCAL)"; \
+	elif [ -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ]; then echo "fashion-mnist: present in $(FMNIST_DIR)"; \
 	elif [ "$$(id -u)" = 0 ]; then apt-get install -y -q dataset-fashion-mnist || \
 	  { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }; \
 	elif command -v sudo >/dev/null; then sudo apt-get install -y -q dataset-fashion-mnist; \
