@@ -95,6 +95,12 @@ def to_feature_row(meta: dict, result: PredictionResult, run_id: str, indexed_at
     }
 
 
+def _inference_dead_letter(meta: dict, error_type: str, message: str, run_id: str) -> dict:
+    return dead_letter_row(
+        "inference", error_type, message, run_id=run_id, item_id=meta["item_id"], image_uri=meta["image_uri"]
+    )
+
+
 class _FailedBatchToDeadLetters(beam.DoFn):
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
@@ -105,14 +111,7 @@ class _FailedBatchToDeadLetters(beam.DoFn):
         batch, (error_type, error_repr, _traceback) = failed
         for meta, _pixels in batch:
             self.failed.inc()
-            yield dead_letter_row(
-                "inference",
-                error_type.__name__,
-                error_repr,
-                run_id=self.run_id,
-                item_id=meta["item_id"],
-                image_uri=meta["image_uri"],
-            )
+            yield _inference_dead_letter(meta, error_type.__name__, error_repr, self.run_id)
 
 
 class _ToFeatureRow(beam.DoFn):
@@ -130,14 +129,7 @@ class _ToFeatureRow(beam.DoFn):
             yield to_feature_row(meta, result, self.run_id, self.indexed_at)
             return
         self.failed.inc()
-        row = dead_letter_row(
-            "inference",
-            EmbeddingTransformError.__name__,
-            error,
-            run_id=self.run_id,
-            item_id=meta["item_id"],
-            image_uri=meta["image_uri"],
-        )
+        row = _inference_dead_letter(meta, EmbeddingTransformError.__name__, error, self.run_id)
         yield beam.pvalue.TaggedOutput("dead", row)
 
 
