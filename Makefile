@@ -8,7 +8,7 @@ ART    ?= artifacts
 RUNNER ?= apache_beam.runners.portability.fn_api_runner.FnApiRunner
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data index train-baseline bench bench-index bench-throughput bench-hamming bench-hashing bench-hashing-ablation bench-gsn bench-incremental test lint clean
+.PHONY: help setup data data-if-possible index train-baseline bench bench-index bench-throughput bench-hamming bench-hashing bench-hashing-ablation bench-gsn bench-incremental test lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -31,6 +31,10 @@ data:  ## install real Fashion-MNIST from Debian (dataset-fashion-mnist) if it i
 	  { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }; \
 	elif command -v sudo >/dev/null; then sudo apt-get install -y -q dataset-fashion-mnist; \
 	else echo "fashion-mnist: run as root: apt-get install dataset-fashion-mnist"; exit 1; fi
+
+# The benchmarks that read Fashion-MNIST try to get it first; without it (no root, no sudo) they skip its rows.
+data-if-possible:
+	-@$(MAKE) --no-print-directory data
 
 index: $(STAMP)  ## generate the default catalog, train the baseline bundle if none is cached, index it, report recall
 	$(PY) -m pipelines.run_default --artifacts $(ART) --runner $(RUNNER)
@@ -55,16 +59,13 @@ bench-throughput: $(STAMP) $(BUNDLE)  ## Beam pipeline vs a plain PyTorch loop (
 bench-hamming: $(STAMP)  ## Hamming radius-2 and k-NN search, multi-index hashing vs a scan, 1M 64-bit codes
 	$(PY) -m bench.hamming $(BENCH_ARGS)
 
-bench-hashing: $(STAMP)  ## ADSH vs DCH, ITQ, LSH at 16-64 bits on Fashion-MNIST and the real photos (~2 h; --quick: minutes)
-	-@$(MAKE) --no-print-directory data  # Fashion-MNIST from Debian; without it those rows are skipped
+bench-hashing: $(STAMP) data-if-possible  ## ADSH vs DCH, ITQ, LSH at 16-64 bits on Fashion-MNIST and the real photos (~2 h; --quick: minutes)
 	$(PY) -m bench.hashing --artifacts $(ART) $(BENCH_ARGS)
 
-bench-hashing-ablation: $(STAMP)  ## the ADSH adversary's variants vs DCH, 3 seeds, Fashion-MNIST slices (~25 min)
-	-@$(MAKE) --no-print-directory data  # Fashion-MNIST from Debian; without it those rows are skipped
+bench-hashing-ablation: $(STAMP) data-if-possible  ## the ADSH adversary's variants vs DCH, 3 seeds, Fashion-MNIST slices (~25 min)
 	$(PY) -m bench.hashing_ablation --artifacts $(ART) $(BENCH_ARGS)
 
-bench-gsn: $(STAMP)  ## GSN vs triplet (+ the RL embedding transform), RL SVM kernels vs linear/RBF (~25 min; --quick: minutes)
-	-@$(MAKE) --no-print-directory data  # Fashion-MNIST from Debian; without it those rows are skipped
+bench-gsn: $(STAMP) data-if-possible  ## GSN vs triplet (+ the RL embedding transform), RL SVM kernels vs linear/RBF (~25 min; --quick: minutes)
 	$(PY) -m bench.gsn --artifacts $(ART) $(BENCH_ARGS)
 
 bench-incremental: $(STAMP) $(BUNDLE)  ## wall time of a 1%-changed nightly run vs a full run, 10,000 images

@@ -142,8 +142,9 @@ class Embed(beam.PTransform):
         self.run_id, self.indexed_at = run_id, indexed_at
 
     def expand(self, decoded):
-        run_id, indexed_at = self.run_id, self.indexed_at
         main, other = decoded | "RunInference" >> RunInference(self.handler).with_exception_handling()
-        out = main | "ToFeatureRow" >> beam.ParDo(_ToFeatureRow(run_id, indexed_at)).with_outputs("dead", main="rows")
-        bad_batches = other.failed_inferences | "FailedToDeadLetter" >> beam.ParDo(_FailedBatchToDeadLetters(run_id))
+        to_row = _ToFeatureRow(self.run_id, self.indexed_at)
+        out = main | "ToFeatureRow" >> beam.ParDo(to_row).with_outputs("dead", main="rows")
+        to_dead = _FailedBatchToDeadLetters(self.run_id)
+        bad_batches = other.failed_inferences | "FailedToDeadLetter" >> beam.ParDo(to_dead)
         return out.rows, (out.dead, bad_batches) | "InferenceDeadLetters" >> beam.Flatten()
