@@ -57,14 +57,14 @@ import torch
 
 from bench.common import commit, machine, pipeline_argv, write_rows
 from pipelines.index_catalog import run as run_pipeline
+from pipelines.transforms.inference import feature_batch
+from pipelines.transforms.write import ROW_GROUP_BYTES
 from retrieval_core import io as rio
 from retrieval_core.bundle import CONFIG_FILE
 from retrieval_core.data.synthetic import SyntheticConfig, generate_catalog
-from retrieval_core.encoder import EncodedBatch, Encoder
+from retrieval_core.encoder import Encoder
 from retrieval_core.preprocess import Preprocessing, decode_image
 from schemas import feature_schema
-
-ROW_GROUP_BYTES = 64 * 1024 * 1024  # Beam's WriteToParquet default row_group_buffer_size
 
 # Run-report timings -> row keys (seconds). Anything else in the report is kept under a lower_snake name.
 STAGE_KEYS = {
@@ -128,34 +128,6 @@ def time_decode(paths: list[str], prep: Preprocessing, *, draft: bool, threads: 
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     assert len(out) == len(paths)
     return Timed(wall, len(paths), cpu)
-
-
-def feature_batch(
-    metas: list[dict], encoded: EncodedBatch, model_id: str, run_id: str, indexed_at: dt.datetime, schema: pa.Schema
-) -> pa.RecordBatch:
-    """One batch of ``schemas.feature_schema`` rows, built column-wise from the encoder's numpy outputs."""
-    dim = encoded.embeddings.shape[1]
-    n = len(metas)
-    return pa.RecordBatch.from_pydict(
-        {
-            "item_id": [m["item_id"] for m in metas],
-            "image_uri": [m["image_uri"] for m in metas],
-            "content_sha256": [m["content_sha256"] for m in metas],
-            "model_id": [model_id] * n,
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(encoded.embeddings.reshape(-1)), dim),
-            "hash_code": [c.tobytes() for c in encoded.codes],
-            "category": encoded.category,
-            "category_score": encoded.category_score,
-            "attributes": [sorted(a.items()) for a in encoded.attributes],
-            "width": [m["width"] for m in metas],
-            "height": [m["height"] for m in metas],
-            "catalog": [sorted(m["catalog"].items()) for m in metas],
-            "run_id": [run_id] * n,
-            "indexed_at": [indexed_at] * n,
-            "source_stamp": [m["source_stamp"] for m in metas],
-        },
-        schema=schema,
-    )
 
 
 def plain_loop(catalog: str, bundle: str, out_path: str, batch_size: int, run_id: str) -> Timed:

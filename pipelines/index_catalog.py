@@ -234,14 +234,14 @@ def build_pipeline(
         dead_parts.append(bad_reads)
     else:
         rows = rows | "AllNew" >> beam.ParDo(_CountNewFn())
-    decoded, bad_images = rows | "ReadAndDecode" >> ReadAndDecode(bundle.preprocessing, config.run_id)
-    features, failed = decoded | "Embed" >> Embed(
-        config.bundle, config.device, config.batch_size, config.run_id, indexed_at
+    decoded, bad_images = rows | "ReadAndDecode" >> ReadAndDecode(
+        bundle.preprocessing, config.run_id, config.batch_size
     )
+    features, failed = decoded | "Embed" >> Embed(config.bundle, config.device, config.run_id, indexed_at, schema)
     dead = (*dead_parts, bad_images, failed) | "AllDeadLetters" >> beam.Flatten()
 
     feature_files = features | "WriteFeatures" >> WriteTable(
-        config.output, "features", config.run_id, schema, config.feature_shards
+        config.output, "features", config.run_id, schema, config.feature_shards, batched=True
     )
     if carried_files is not None:
         feature_files = (feature_files, carried_files) | "WithCarried" >> beam.Flatten()

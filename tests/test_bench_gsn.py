@@ -118,7 +118,7 @@ def test_tiny_gsn_bench(tmp_path, monkeypatch):
     for heading in ("### synthetic", "### mnist-5k", "### fashion-mnist"):
         assert heading in text
     assert "| gsn+rl-transform | report half (" in text and "| svm-rl-kernel | `" in text
-    assert f"{held['recall_at_1']:.3f}" in text and "Transform search: 2 controller steps x 4" in text
+    assert f"| {held['recall_at_1']:.4f} |" in text and "Transform search: 2 controller steps x 4" in text
     assert "clothing-small: skipped, " in text and "clothing-small" in text.split("clothing-small: skipped, ")[1]
 
 

@@ -25,6 +25,7 @@ from retrieval_core.preprocess import load_image_file, to_model_input
 from retrieval_core.rl.expressions import EMBEDDING_GRAMMAR, parse
 from retrieval_core.search import Searcher
 from retrieval_core.search.searcher import ModelMismatchError
+from schemas import feature_schema
 
 
 def _normalise(a: np.ndarray) -> np.ndarray:
@@ -214,9 +215,12 @@ def test_embed_dead_letters_only_the_images_the_transform_cannot_serve(tiny_bund
 
         return check
 
+    schema = feature_schema(enc.config.embedding_dim, enc.config.hash_bits)
     with beam.Pipeline("DirectRunner") as p:
-        decoded = p | beam.Create(list(zip(meta, pixels)))
-        rows, dead = decoded | Embed(tiny_bundle[0], "cpu", 4, "r1", dt.datetime(2026, 1, 1))
+        # Two batches, as ReadAndDecode cuts them: one bad image in each.
+        decoded = p | beam.Create([(meta[:4], list(pixels[:4])), (meta[4:], list(pixels[4:]))])
+        batches, dead = decoded | Embed(tiny_bundle[0], "cpu", "r1", dt.datetime(2026, 1, 1), schema)
+        rows = batches | beam.FlatMap(lambda b: b.to_pylist())
         assert_that(rows, rows_are(["i0", "i1", "i3", "i4"]), label="rows")
         assert_that(dead, dead_letters_are(["i2", "i5"]), label="dead")
 

@@ -65,7 +65,7 @@ def test_incremental_run_equals_a_full_run(tmp_path, tiny_bundle, monkeypatch, r
     assert (c["hashed"], c["stamp_hits"]) == (4, 16)  # unchanged images were not even read
     # Only new and changed images were decoded and embedded.
     assert second["counters"]["read_and_decode.decoded"] == 4
-    assert second["counters"]["BundleModelHandler.num_inferences"] == 4
+    assert second["counters"]["inference.images"] == 4
 
     full = _run(catalog, str(tmp_path / "full"), bundle, "ref", "--full")
     assert full["mode"] == "full" and full["counters"]["read_and_decode.decoded"] == 20

@@ -1,11 +1,11 @@
-"""RunInference with a model bundle: (metadata, pixels) -> feature rows.
+"""RunInference with a model bundle: batches of (metadata, pixels) -> feature record batches.
 
-``BundleModelHandler`` is a Beam ``ModelHandler`` that builds the model from a
-bundle directory on the worker (nothing live is pickled into the graph) and
-encodes whole batches; ``Embed`` wraps it in ``KeyedModelHandler`` so each
-image's metadata rides along as the key, and routes failed batches, and the
-single images the bundle's embedding transform cannot serve, to the
-dead-letter output instead of failing the run.
+``BundleModelHandler`` is a Beam ``ModelHandler`` that builds the model from a bundle directory on the worker
+(nothing live is pickled into the graph). Its example is a whole batch, ``(metas, pixels)`` as ``ReadAndDecode``
+cut it, and its prediction carries the batch's metadata along (as ``KeyedModelHandler`` would, without pickling
+every key to count bytes for a metric). ``Embed`` turns each encoded batch into one Arrow record batch of feature
+rows (column-wise, straight from the encoder's arrays), and routes failed batches, and the single images the
+bundle's embedding transform cannot serve, to the dead-letter output instead of failing the run.
 """
 
 from __future__ import annotations
@@ -15,84 +15,89 @@ from collections.abc import Iterable, Sequence
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 from apache_beam.metrics import Metrics
-from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 
-from pipelines.transforms.dead_letter import dead_letter_row
+from pipelines.transforms.dead_letter import DEAD_LETTER_TAG, dead_letter_row
 from retrieval_core.embedding_transform import EmbeddingTransformError
-from retrieval_core.encoder import Encoder
+from retrieval_core.encoder import EncodedBatch, Encoder
+
+Batch = tuple[list[dict], list[np.ndarray]]  # (metas, pixels): metas[i] describes the (H, W, 3) uint8 pixels[i]
 
 
-class BundleModelHandler(ModelHandler[np.ndarray, PredictionResult, Encoder]):
-    """Loads a bundle into an ``Encoder`` and runs it on batches of (H, W, 3) uint8 images.
+class BundleModelHandler(ModelHandler[Batch, PredictionResult, Encoder]):
+    """Loads a bundle into an ``Encoder`` and encodes batches of images.
+
+    An example is one whole batch, so RunInference is told to pass exactly one example per call
+    (``batch_elements_kwargs``). Each result's ``example`` is the batch's ``metas`` (the pixels are not needed
+    downstream) and its ``inference`` the batch's ``EncodedBatch``, where an image the bundle's transform cannot
+    serve is in ``errors`` (``Encoder.encode(row_errors=True)``).
 
     Args:
         bundle_dir: the model bundle (local path or URI).
         device: ``cpu`` or ``cuda``; ``cuda`` with no GPU raises at load time, never falls back.
-        batch_size: images per batch. Batches are this size exactly (only the last one of a bundle is
-            smaller): Beam's adaptive batching would start at 1 and jitter the size to fit a latency model,
-            which costs throughput in a batch job and makes a run's batches differ from the next run's.
     """
 
-    def __init__(self, bundle_dir: str, device: str = "cpu", batch_size: int = 64) -> None:
+    def __init__(self, bundle_dir: str, device: str = "cpu") -> None:
         super().__init__()
         self.bundle_dir = bundle_dir
         self.device = device
-        self.batch_size = batch_size
 
     def load_model(self) -> Encoder:
         return Encoder.from_bundle(self.bundle_dir, self.device)
 
     def run_inference(
-        self, batch: Sequence[np.ndarray], model: Encoder, inference_args: dict | None = None
+        self, batch: Sequence[Batch], model: Encoder, inference_args: dict | None = None
     ) -> Iterable[PredictionResult]:
-        encoded = model.encode(batch, row_errors=True)
-        for i in range(len(batch)):
-            if i in encoded.errors:  # the bundle's transform cannot serve this image: Embed dead-letters it
-                yield PredictionResult(None, {"error": encoded.errors[i]}, model_id=model.config.model_id)
-                continue
-            yield PredictionResult(
-                example=None,  # the pixels are not needed downstream; don't carry them
-                inference={
-                    "embedding": encoded.embeddings[i],
-                    "hash_code": encoded.codes[i].tobytes(),
-                    "category": encoded.category[i],
-                    "category_score": float(encoded.category_score[i]),
-                    "attributes": encoded.attributes[i],
-                },
-                model_id=model.config.model_id,
-            )
+        for metas, pixels in batch:
+            yield PredictionResult(metas, model.encode(pixels, row_errors=True), model_id=model.config.model_id)
 
-    def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
-        return sum(x.nbytes for x in batch)  # the default pickles the whole batch just to measure it
+    def get_num_bytes(self, batch: Sequence[Batch]) -> int:
+        return sum(x.nbytes for _metas, pixels in batch for x in pixels)  # the default pickles the whole batch
 
     def batch_elements_kwargs(self) -> dict:
-        return {"min_batch_size": self.batch_size, "max_batch_size": self.batch_size}
+        return {"min_batch_size": 1, "max_batch_size": 1}  # an example is already a batch
 
     def get_metrics_namespace(self) -> str:
         return "BundleModelHandler"
 
 
-def to_feature_row(meta: dict, result: PredictionResult, run_id: str, indexed_at: dt.datetime) -> dict:
-    """One feature-table row (``schemas.feature_schema``) from decode metadata and a prediction."""
-    inf = result.inference
-    return {
-        "item_id": meta["item_id"],
-        "image_uri": meta["image_uri"],
-        "content_sha256": meta["content_sha256"],
-        "model_id": result.model_id,
-        "embedding": np.ascontiguousarray(inf["embedding"], dtype=np.float32),  # pickles far faster than a list
-        "hash_code": inf["hash_code"],
-        "category": inf["category"],
-        "category_score": inf["category_score"],
-        "attributes": sorted(inf["attributes"].items()),
-        "width": meta["width"],
-        "height": meta["height"],
-        "catalog": sorted(meta["catalog"].items()),
-        "run_id": run_id,
-        "indexed_at": indexed_at,
-        "source_stamp": meta["source_stamp"],
-    }
+def feature_batch(
+    metas: Sequence[dict],
+    encoded: EncodedBatch,
+    model_id: str,
+    run_id: str,
+    indexed_at: dt.datetime,
+    schema: pa.Schema,
+    rows: Sequence[int] | None = None,
+) -> pa.RecordBatch:
+    """``schemas.feature_schema`` rows, built column-wise: ``metas[i]`` (from ``ReadAndDecode``) with row ``i`` of
+    ``encoded``, for each ``i`` in ``rows`` (default: all)."""
+    idx = np.arange(len(metas)) if rows is None else np.asarray(rows, dtype=np.int64)
+    metas = [metas[i] for i in idx]
+    n, dim = len(metas), encoded.embeddings.shape[1]
+    embeddings = np.ascontiguousarray(encoded.embeddings[idx], dtype=np.float32)
+    return pa.RecordBatch.from_pydict(
+        {
+            "item_id": [m["item_id"] for m in metas],
+            "image_uri": [m["image_uri"] for m in metas],
+            "content_sha256": [m["content_sha256"] for m in metas],
+            "model_id": [model_id] * n,
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), dim),
+            "hash_code": [encoded.codes[i].tobytes() for i in idx],
+            "category": [encoded.category[i] for i in idx],
+            "category_score": encoded.category_score[idx],
+            "attributes": [sorted(encoded.attributes[i].items()) for i in idx],
+            "width": [m["width"] for m in metas],
+            "height": [m["height"] for m in metas],
+            "catalog": [sorted(m["catalog"].items()) for m in metas],
+            "run_id": [run_id] * n,
+            "indexed_at": [indexed_at] * n,
+            "source_stamp": [m["source_stamp"] for m in metas],
+        },
+        schema=schema,
+    )
 
 
 def _inference_dead_letter(meta: dict, error_type: str, message: str, run_id: str) -> dict:
@@ -107,44 +112,50 @@ class _FailedBatchToDeadLetters(beam.DoFn):
         self.failed = Metrics.counter("inference", "failed")
 
     def process(self, failed):
-        # Beam's exception handling emits (batch, (exception type, repr(exception), formatted traceback)).
-        batch, (error_type, error_repr, _traceback) = failed
-        for meta, _pixels in batch:
-            self.failed.inc()
-            yield _inference_dead_letter(meta, error_type.__name__, error_repr, self.run_id)
+        # Beam's exception handling emits (examples, (exception type, repr(exception), formatted traceback));
+        # an example here is one (metas, pixels) batch.
+        examples, (error_type, error_repr, _traceback) = failed
+        for metas, _pixels in examples:
+            self.failed.inc(len(metas))
+            for meta in metas:
+                yield _inference_dead_letter(meta, error_type.__name__, error_repr, self.run_id)
 
 
-class _ToFeatureRow(beam.DoFn):
-    """(metadata, prediction) -> a feature row, or a dead-letter row (tag ``dead``) for an image whose
-    prediction is an error (``BundleModelHandler.run_inference``: the transform cannot serve it)."""
+class _ToFeatureBatch(beam.DoFn):
+    """A batch's prediction -> one record batch of feature rows, and a dead-letter row (tag ``dead_letter``)
+    for each image the bundle's transform cannot serve (``EncodedBatch.errors``)."""
 
-    def __init__(self, run_id: str, indexed_at: dt.datetime) -> None:
-        self.run_id, self.indexed_at = run_id, indexed_at
+    def __init__(self, run_id: str, indexed_at: dt.datetime, schema: pa.Schema) -> None:
+        self.run_id, self.indexed_at, self.schema = run_id, indexed_at, schema
+        self.images = Metrics.counter("inference", "images")
         self.failed = Metrics.counter("inference", "failed")
 
-    def process(self, element):
-        meta, result = element
-        error = result.inference.get("error")
-        if error is None:
-            yield to_feature_row(meta, result, self.run_id, self.indexed_at)
-            return
-        self.failed.inc()
-        row = _inference_dead_letter(meta, EmbeddingTransformError.__name__, error, self.run_id)
-        yield beam.pvalue.TaggedOutput("dead", row)
+    def process(self, result: PredictionResult):
+        metas = result.example
+        encoded: EncodedBatch = result.inference
+        self.images.inc(len(metas))
+        for i, error in sorted(encoded.errors.items()):
+            self.failed.inc()
+            row = _inference_dead_letter(metas[i], EmbeddingTransformError.__name__, error, self.run_id)
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, row)
+        ok = [i for i in range(len(metas)) if i not in encoded.errors]
+        if ok:
+            rows = None if len(ok) == len(metas) else ok
+            yield feature_batch(metas, encoded, result.model_id, self.run_id, self.indexed_at, self.schema, rows)
 
 
 class Embed(beam.PTransform):
-    """(metadata, pixels) -> (feature rows, dead letters) with batched RunInference."""
+    """(metas, pixels) batches -> (feature record batches, dead letters) with RunInference."""
 
-    def __init__(self, bundle_dir: str, device: str, batch_size: int, run_id: str, indexed_at: dt.datetime) -> None:
+    def __init__(self, bundle_dir: str, device: str, run_id: str, indexed_at: dt.datetime, schema: pa.Schema) -> None:
         super().__init__()
-        self.handler = KeyedModelHandler(BundleModelHandler(bundle_dir, device, batch_size))
-        self.run_id, self.indexed_at = run_id, indexed_at
+        self.handler = BundleModelHandler(bundle_dir, device)
+        self.run_id, self.indexed_at, self.schema = run_id, indexed_at, schema
 
-    def expand(self, decoded):
-        main, other = decoded | "RunInference" >> RunInference(self.handler).with_exception_handling()
-        to_row = _ToFeatureRow(self.run_id, self.indexed_at)
-        out = main | "ToFeatureRow" >> beam.ParDo(to_row).with_outputs("dead", main="rows")
+    def expand(self, batches):
+        main, other = batches | "RunInference" >> RunInference(self.handler).with_exception_handling()
+        to_rows = _ToFeatureBatch(self.run_id, self.indexed_at, self.schema)
+        out = main | "ToFeatureBatch" >> beam.ParDo(to_rows).with_outputs(DEAD_LETTER_TAG, main="rows")
         to_dead = _FailedBatchToDeadLetters(self.run_id)
         bad_batches = other.failed_inferences | "FailedToDeadLetter" >> beam.ParDo(to_dead)
-        return out.rows, (out.dead, bad_batches) | "InferenceDeadLetters" >> beam.Flatten()
+        return out.rows, (out[DEAD_LETTER_TAG], bad_batches) | "InferenceDeadLetters" >> beam.Flatten()
