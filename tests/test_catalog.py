@@ -7,6 +7,7 @@ import json
 import os
 
 import apache_beam as beam
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -372,3 +373,29 @@ def test_read_catalog_dead_letter_item_ids_are_strings(tmp_path):
             equal_to([("42", "missing_field"), (None, "malformed_row")]),
             label="dead",
         )
+
+
+@pytest.mark.parametrize("partitions,flush_rows", [(1, 1), (3, 2), (1024, 128)])
+def test_read_catalog_dedupes_across_flushed_partition_lists(tmp_path, partitions, flush_rows):
+    """Oracle: the first row of each id by line number, computed in plain Python. Small partitions and flushes
+    split one id's rows over several lists of its partition; the kept row must not depend on that."""
+    rng = np.random.default_rng(7)
+    ids = [f"id{int(i)}" for i in rng.integers(0, 15, 60)]
+    lines = ["item_id,image_uri"] + [f"{item},img/{n}.jpg" for n, item in enumerate(ids)]
+    path = _write_bytes(tmp_path / "cat.csv", "\n".join(lines).encode())
+    first: dict[str, int] = {}
+    for n, item in enumerate(ids):
+        first.setdefault(item, n)
+    expected_kept = sorted((item, f"{n}.jpg") for item, n in first.items())
+    expected_dead = sorted(f"{n}.jpg" for n, item in enumerate(ids) if first[item] != n)
+    with beam.Pipeline(runner=LOCAL_RUNNER) as p:
+        rows, dead = p | ReadCatalog(path, "run1", partitions=partitions, flush_rows=flush_rows)
+        kept = rows | "Kept" >> beam.Map(lambda r: (r["item_id"], os.path.basename(r["image_uri"])))
+        assert_that(kept, equal_to(expected_kept), label="rows")
+        dups = dead | "Dups" >> beam.Map(lambda d: os.path.basename(d["image_uri"]))
+        assert_that(dups, equal_to(expected_dead), label="dead")
+
+
+def test_read_catalog_refuses_empty_partitions():
+    with pytest.raises(ValueError, match="partitions and flush_rows must be >= 1"):
+        ReadCatalog("cat.csv", "run1", partitions=0)

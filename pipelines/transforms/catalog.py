@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import csv
 import json
+import zlib
+from collections import defaultdict
 from collections.abc import Iterator
 
 import apache_beam as beam
@@ -20,6 +22,14 @@ from retrieval_core import io as rio
 from schemas import REQUIRED_CATALOG_COLUMNS
 
 FORMATS = ("csv", "jsonl", "parquet")
+
+DEDUPE_PARTITIONS = 1024
+"""Partitions of the de-duplication shuffle. Everything after it (decode, inference, writing) runs where the
+partition landed, so this bounds how many workers share the work."""
+
+FLUSH_ROWS = 128
+"""Rows a partition gathers while the file is parsed before they go on as one list: the shuffle moves lists,
+not one record per row, and the parser holds at most ``partitions * FLUSH_ROWS`` rows."""
 
 
 class CatalogError(ValueError):
@@ -117,13 +127,33 @@ def normalise_row(row: dict, base_dir: str) -> tuple[dict | None, str | None]:
     }, None
 
 
+def item_partition(item_id: str, partitions: int) -> int:
+    """Stable partition of an item id (crc32: cheap, and the same in every process)."""
+    return zlib.crc32(item_id.encode()) % partitions
+
+
 class _ParseCatalogFn(beam.DoFn):
-    def __init__(self, run_id: str) -> None:
+    """Catalog path -> rows, or with ``partitions`` ``(partition, [rows])`` lists of up to ``flush_rows`` rows."""
+
+    def __init__(self, run_id: str, partitions: int = 0, flush_rows: int = FLUSH_ROWS) -> None:
         self.run_id = run_id
+        self.partitions, self.flush_rows = partitions, flush_rows
         self.rows = Metrics.counter("read_catalog", "rows")
         self.bad = Metrics.counter("read_catalog", "bad_rows")
 
     def process(self, path: str):
+        buffers: dict[int, list[dict]] = defaultdict(list)
+        for row in self._rows(path):
+            if not self.partitions or isinstance(row, beam.pvalue.TaggedOutput):
+                yield row
+                continue
+            part = item_partition(row["item_id"], self.partitions)
+            buffers[part].append(row)
+            if len(buffers[part]) >= self.flush_rows:
+                yield part, buffers.pop(part)
+        yield from buffers.items()
+
+    def _rows(self, path: str):
         base_dir = rio.dirname(path)
         for n, raw, error in iter_raw_rows(path):
             if raw is not None:
@@ -168,42 +198,61 @@ def duplicates_counter():
 
 
 class _DropDuplicatesFn(beam.DoFn):
+    """One partition's row lists -> each item id's first row, and a dead letter for every later one."""
+
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
         self.duplicates = duplicates_counter()
 
     def process(self, keyed):
-        row, dead = keep_first(*keyed, self.run_id)
-        self.duplicates.inc(len(dead))
-        yield row
-        yield from dead
+        _partition, lists = keyed
+        by_id: dict[str, list[dict]] = defaultdict(list)
+        for rows in lists:
+            for row in rows:
+                by_id[row["item_id"]].append(row)
+        for item_id, rows in by_id.items():
+            row, dead = keep_first(item_id, rows, self.run_id)
+            self.duplicates.inc(len(dead))
+            yield row
+            yield from dead
 
 
 class ReadCatalog(beam.PTransform):
-    """Catalog path -> (rows, dead letters). Rows are spread over workers after parsing.
+    """Catalog path -> (rows, dead letters). Rows are spread over workers after parsing, by the de-duplication
+    shuffle: rows go to ``partitions`` partitions by item id, in lists (``FLUSH_ROWS``).
 
     With ``dedupe=False`` repeated item ids are left in, for a caller that groups by item id anyway
     and applies ``keep_first`` there (an incremental run's join), saving a shuffle of the catalog.
     """
 
-    def __init__(self, path: str, run_id: str, dedupe: bool = True) -> None:
+    def __init__(
+        self,
+        path: str,
+        run_id: str,
+        dedupe: bool = True,
+        partitions: int = DEDUPE_PARTITIONS,
+        flush_rows: int = FLUSH_ROWS,
+    ) -> None:
         super().__init__()
+        if partitions < 1 or flush_rows < 1:
+            raise ValueError(f"partitions and flush_rows must be >= 1, got {partitions} and {flush_rows}")
         self.path = path
         self.run_id = run_id
         self.dedupe = dedupe
+        self.partitions, self.flush_rows = partitions, flush_rows
 
     def expand(self, pbegin):
+        parse = _ParseCatalogFn(self.run_id, self.partitions if self.dedupe else 0, self.flush_rows)
         parsed = (
             pbegin
             | "CatalogPath" >> beam.Create([self.path], reshuffle=False)
-            | "Parse" >> beam.ParDo(_ParseCatalogFn(self.run_id)).with_outputs(DEAD_LETTER_TAG, main="rows")
+            | "Parse" >> beam.ParDo(parse).with_outputs(DEAD_LETTER_TAG, main="rows")
         )
         if not self.dedupe:
             return parsed.rows, parsed[DEAD_LETTER_TAG]
         deduped = (
             parsed.rows
-            | "KeyByItemId" >> beam.Map(lambda r: (r["item_id"], r))
-            | "GroupByItemId" >> beam.GroupByKey()
+            | "GroupByPartition" >> beam.GroupByKey()
             | "DropDuplicates" >> beam.ParDo(_DropDuplicatesFn(self.run_id)).with_outputs(DEAD_LETTER_TAG, main="rows")
         )
         dead = (parsed[DEAD_LETTER_TAG], deduped[DEAD_LETTER_TAG]) | "FlattenDeadLetters" >> beam.Flatten()

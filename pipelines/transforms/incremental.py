@@ -28,7 +28,6 @@ import io
 import itertools
 import math
 import time
-import zlib
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
@@ -38,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 
-from pipelines.transforms.catalog import duplicates_counter, keep_first
+from pipelines.transforms.catalog import duplicates_counter, item_partition, keep_first
 from pipelines.transforms.dead_letter import DEAD_LETTER_TAG
 from pipelines.transforms.decode import read_error, read_failure
 from pipelines.transforms.timing import StageTimer
@@ -88,11 +87,6 @@ def join_partitions(previous_rows: int) -> int:
     return min(max(1, math.ceil(previous_rows / ROWS_PER_PARTITION)), 65_536)
 
 
-def join_partition(item_id: str, partitions: int) -> int:
-    """Stable partition of an item id (crc32: cheap, and the same in every process)."""
-    return zlib.crc32(item_id.encode()) % partitions
-
-
 class _PartitionRowsFn(beam.DoFn):
     """A batch of catalog rows -> ``(partition, (_CURRENT, rows))`` for each partition present in the batch."""
 
@@ -102,7 +96,7 @@ class _PartitionRowsFn(beam.DoFn):
     def process(self, batch: list[dict]):
         parts = defaultdict(list)
         for row in batch:
-            parts[join_partition(row["item_id"], self.partitions)].append(row)
+            parts[item_partition(row["item_id"], self.partitions)].append(row)
         for part, rows in parts.items():
             yield part, (_CURRENT, rows)
 
@@ -121,7 +115,7 @@ class _PreviousKeysFn(beam.DoFn):
         columns = [table[c].to_pylist() if c in table.column_names else [None] * len(table) for c in _KEY_COLUMNS]
         parts = defaultdict(list)
         for keys in zip(*columns, strict=True):
-            parts[join_partition(keys[0], self.partitions)].append(keys)
+            parts[item_partition(keys[0], self.partitions)].append(keys)
         for part, keys in parts.items():
             yield part, (_PREVIOUS, (path, keys))
 
