@@ -39,7 +39,7 @@ from apache_beam.metrics import Metrics
 
 from pipelines.transforms.catalog import duplicates_counter, item_partition, keep_first
 from pipelines.transforms.dead_letter import DEAD_LETTER_TAG
-from pipelines.transforms.decode import read_error, read_failure
+from pipelines.transforms.decode import REMOTE_READ_THREADS, read_error, read_failure
 from pipelines.transforms.timing import StageTimer
 from retrieval_core import io as rio
 from schemas import STRING_MAP
@@ -135,7 +135,7 @@ class _ClassifyFn(beam.DoFn):
     the carried items (``CARRIED_TAG``); dead letters.
     """
 
-    def __init__(self, model_id: str, run_id: str, rehash: bool = False, threads: int = 16) -> None:
+    def __init__(self, model_id: str, run_id: str, rehash: bool = False, threads: int = REMOTE_READ_THREADS) -> None:
         self.model_id, self.run_id, self.rehash, self.threads = model_id, run_id, rehash, threads
         self.read_failed = Metrics.counter("read_and_decode", "read_failed")
         self.duplicates = duplicates_counter()
