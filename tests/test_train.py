@@ -52,3 +52,19 @@ def test_training_writes_a_bundle_and_resumes_exactly(tmp_path, monkeypatch):
     resumed = baseline.main(dataclasses.replace(cfg, resume=True))
     # Same seeds, same per-epoch streams, state restored from the checkpoint: bit-identical weights.
     assert resumed.model_id == straight.model_id
+
+
+def test_resume_compares_paths_as_folders_not_spellings(tmp_path, monkeypatch):
+    from retrieval_core.train.common import resume_mismatch, saved_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cat").mkdir()
+    saved = saved_config(TrainConfig(data="cat", epochs=3))
+    assert saved["data"] == str(tmp_path / "cat")  # recorded absolute
+    assert resume_mismatch(saved, TrainConfig(data=str(tmp_path / "cat"), epochs=3)) == ""
+    assert resume_mismatch(saved, TrainConfig(data="./cat/", epochs=3)) == ""
+    old = {**saved, "data": "cat"}  # a checkpoint written before paths were recorded absolute
+    assert resume_mismatch(old, TrainConfig(data=str(tmp_path / "cat"), epochs=3)) == ""
+    other = resume_mismatch(saved, TrainConfig(data=str(tmp_path / "elsewhere"), epochs=3))
+    assert other == f"data: {str(tmp_path / 'cat')!r} -> {str(tmp_path / 'elsewhere')!r}"
+    assert resume_mismatch(saved, TrainConfig(data="cat", epochs=4)) == "epochs: 3 -> 4"

@@ -41,19 +41,33 @@ def work_dir(out: str, config) -> str:
     work = out.rstrip("/") + ".work"
     os.makedirs(work, exist_ok=True)
     with open(os.path.join(work, "train_config.json"), "w") as f:
-        json.dump(asdict(config), f, indent=2)
+        json.dump(saved_config(config), f, indent=2)
     return work
 
 
 RESUME_IGNORES = ("out", "resume", "threads", "cache_dir")  # settings that do not change what is trained
+PATH_SETTINGS = ("data", "data_dir", "train_catalog", "eval_catalog")  # compared as absolute paths
+
+
+def _absolute_paths(values: dict) -> dict:
+    """``values`` with every non-empty ``PATH_SETTINGS`` entry made absolute ("" keeps its meaning: the default)."""
+    return {k: os.path.abspath(v) if k in PATH_SETTINGS and isinstance(v, str) and v else v for k, v in values.items()}
+
+
+def saved_config(config) -> dict:
+    """The config as checkpoints and ``train_config.json`` record it: JSON values, paths absolute, so a resumed
+    run from another working directory compares the folders it means, not how they were spelled."""
+    return _absolute_paths(json.loads(json.dumps(asdict(config))))  # tuples as lists
 
 
 def resume_mismatch(saved: dict, config, ignore: tuple[str, ...] = RESUME_IGNORES) -> str:
     """What differs between a checkpoint's config and this run's ("" when nothing that matters does).
 
     Resuming with other epochs, data or losses would silently mix two runs (or fail deep in the scheduler).
+    Paths compare as absolute paths (``data`` and ``./data`` are the same folder); a relative one in an older
+    checkpoint is taken from the current directory.
     """
-    current = json.loads(json.dumps(asdict(config)))  # tuples as lists, like the saved copy
+    saved, current = _absolute_paths(saved), saved_config(config)
     keys = sorted((set(saved) | set(current)) - set(ignore))
     return ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k))
 
@@ -90,7 +104,7 @@ class RunProgress:
                 "epoch": epoch + 1,
                 "history": json.dumps(self.history),
                 "train_s": self.train_s,
-                "config": json.dumps(asdict(config)),
+                "config": json.dumps(saved_config(config)),
             },
         )
 
