@@ -15,11 +15,13 @@ from retrieval_core.encoder import pack_codes
 from retrieval_core.eval.retrieval import hamming_distances
 from retrieval_core.index.build import (
     Block,
+    IndexSpec,
     bottom_k,
     candidate_factories,
     choose_spec,
     estimate_index_bytes,
     fill_vector_shard,
+    gpu_clustering_index,
     parse_bytes,
     read_feature_block,
     serialize_index,
@@ -388,3 +390,25 @@ def test_mmap_open_maps_the_codes_instead_of_copying_them(binary_generation):
     assert all(faiss.downcast_index(s).codes.is_owned for s in read.vector_shards)
     a, b = mapped.search_vectors(emb[:20], 5), read.search_vectors(emb[:20], 5)
     assert a.item_ids == b.item_ids and np.array_equal(a.scores, b.scores)
+
+
+@pytest.mark.parametrize("factory", ["IVF16,Flat", "IVF16,PQ8,Refine(SQ8)"])
+def test_ivf_training_assigns_on_the_clustering_index_it_is_given(factory):
+    """The GPU path's plumbing, checked on the CPU: an exact flat index with the quantiser's metric (what
+    gpu_clustering_index puts on the GPUs) trains the very same index; one that assigns differently (L1 distance
+    instead of the quantiser's inner product) trains another, so it is the one used."""
+    rng = np.random.default_rng(3)
+    unit = rng.normal(size=(4000, 32)).astype(np.float32)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    spec = IndexSpec(factory, "BFlat", 4)
+    default = train_vector_index(unit, 32, spec)
+    assert train_vector_index(unit, 32, spec, faiss.IndexFlat(32, faiss.METRIC_INNER_PRODUCT)) == default
+    assert train_vector_index(unit, 32, spec, faiss.IndexFlat(32, faiss.METRIC_L1)) != default
+
+
+def test_gpu_clustering_index_only_where_faiss_sees_a_gpu():
+    index = gpu_clustering_index(32, faiss.METRIC_INNER_PRODUCT)
+    if faiss.get_num_gpus() == 0:
+        assert index is None
+    else:
+        assert index.d == 32 and index.metric_type == faiss.METRIC_INNER_PRODUCT

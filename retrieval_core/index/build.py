@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import math
 import re
 from collections.abc import Iterable
@@ -25,6 +26,8 @@ import pyarrow.parquet as pq
 from retrieval_core import io as rio
 from retrieval_core.index.hamming import choose_binary_factory
 from schemas import IDS_SCHEMA
+
+log = logging.getLogger(__name__)
 
 FLAT_MAX_ROWS = 50_000
 """Below this many vectors an exact flat index is both fastest to build and exact."""
@@ -298,15 +301,40 @@ def _nlist(factory: str) -> int:
     return int(head[3:].split("_")[0]) if head.startswith("IVF") and head[3:].split("_")[0].isdigit() else 0
 
 
-def train_vector_index(sample: np.ndarray, dim: int, spec: IndexSpec) -> bytes:
-    """Create the empty index of ``spec``, train it on ``sample`` if it needs training, and serialise it."""
+def gpu_clustering_index(dim: int, metric: int) -> faiss.Index | None:
+    """An exact flat index over every GPU faiss sees, for the assignment step of the k-means that trains an IVF
+    coarse quantiser (the costly part of training); None where faiss sees no GPU (faiss-cpu, or faiss-gpu on a
+    machine without one)."""
+    if faiss.get_num_gpus() == 0:
+        return None
+    return faiss.index_cpu_to_all_gpus(faiss.IndexFlat(dim, metric))
+
+
+def train_vector_index(
+    sample: np.ndarray, dim: int, spec: IndexSpec, clustering_index: faiss.Index | None = None
+) -> bytes:
+    """Create the empty index of ``spec``, train it on ``sample`` if it needs training, and serialise it.
+
+    An IVF coarse quantiser's k-means assigns on ``clustering_index`` (default: ``gpu_clustering_index``, so on
+    the GPUs when there are any, else on the quantiser itself, on the CPU). It must search exactly with the
+    quantiser's metric; the centroids, and so the index, are then the same up to float rounding.
+    """
     index = faiss.index_factory(dim, spec.vector_factory, METRIC_TYPES[spec.metric])
     if not index.is_trained:
         sample = np.ascontiguousarray(sample, dtype=np.float32)
         nlist = _nlist(spec.vector_factory)
         if len(sample) < max(nlist, 1):
             raise ValueError(f"{spec.vector_factory} needs at least {nlist} training vectors, got {len(sample)}")
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is not None:
+            if clustering_index is None:
+                clustering_index = gpu_clustering_index(dim, ivf.quantizer.metric_type)
+            if clustering_index is not None:
+                log.info("training %s: k-means assigns on %s", spec.vector_factory, type(clustering_index).__name__)
+            ivf.clustering_index = clustering_index  # only read by train; never serialised
         index.train(sample)
+        if ivf is not None:
+            ivf.clustering_index = None
     if isinstance(index, faiss.IndexRefine):
         index.k_factor = REFINE_K_FACTOR
     return serialize_index(index)
