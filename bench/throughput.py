@@ -17,6 +17,9 @@ after the other:
 * **Beam pipeline**: ``pipelines.index_catalog.run --full`` on the local FnApiRunner (in-process, one worker, as
   ``make index`` runs it), timed around the call. ``ratio`` = pipeline images/s / loop images/s.
 
+``--device cuda`` runs both on the GPU (mixed precision, as the pipeline's ``--device cuda``); the rows record the
+device and ``machine`` names the GPU.
+
 How the comparison is kept fair: both use the same images, bundle, ``Encoder`` and batch size (64, the
 pipeline's default; the pipeline's batches are exactly that size, as the loop's) and the same torch threads (the
 process default, recorded as ``torch_threads``). Before anything is timed every image is read once, so every
@@ -63,7 +66,7 @@ from pipelines.transforms.write import ROW_GROUP_BYTES
 from retrieval_core import io as rio
 from retrieval_core.bundle import CONFIG_FILE
 from retrieval_core.data.synthetic import SyntheticConfig, generate_catalog
-from retrieval_core.encoder import Encoder
+from retrieval_core.encoder import Encoder, resolve_device
 from retrieval_core.preprocess import Preprocessing, decode_image
 from schemas import feature_schema
 
@@ -131,12 +134,12 @@ def time_decode(paths: list[str], prep: Preprocessing, *, draft: bool, threads: 
     return Timed(wall, len(paths), cpu)
 
 
-def plain_loop(catalog: str, bundle: str, out_path: str, batch_size: int, run_id: str) -> Timed:
+def plain_loop(catalog: str, bundle: str, out_path: str, batch_size: int, run_id: str, device: str = "cpu") -> Timed:
     """Read, hash, decode, encode in batches and write one Parquet feature file; returns the timings."""
     stages = dict.fromkeys(("load_model_s", "read_s", "decode_s", "infer_s", "write_s"), 0.0)
     clock = time.perf_counter
     start, cpu = clock(), time.process_time()
-    encoder = Encoder.from_bundle(bundle)
+    encoder = Encoder.from_bundle(bundle, device)
     stages["load_model_s"] = clock() - start
     cfg = encoder.config
     prep = cfg.preprocessing
@@ -214,11 +217,13 @@ def pipeline_stages(timings: dict[str, dict]) -> tuple[dict[str, float], int]:
     return stages, batches
 
 
-def beam_pipeline(catalog: str, bundle: str, output: str, batch_size: int, run_id: str) -> Timed:
+def beam_pipeline(catalog: str, bundle: str, output: str, batch_size: int, run_id: str, device: str = "cpu") -> Timed:
     """A full run of the indexing pipeline on the local runner, from an empty output root."""
     shutil.rmtree(output, ignore_errors=True)
     start, cpu = time.perf_counter(), time.process_time()
-    report = run_pipeline(pipeline_argv(catalog, output, bundle, run_id, f"--batch_size={batch_size}", "--full"))
+    report = run_pipeline(
+        pipeline_argv(catalog, output, bundle, run_id, f"--batch_size={batch_size}", f"--device={device}", "--full")
+    )
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     if report["counts"]["dead_letter"]:
         raise SystemExit(f"benchmark catalog produced dead letters ({report['counts']}): fix the setup")
@@ -259,10 +264,10 @@ def best_of(repeats: int, methods: dict[str, Callable[[int], Timed]]) -> dict[st
     return best
 
 
-def warm_up(paths: list[str], bundle: str, batch_size: int) -> Preprocessing:
+def warm_up(paths: list[str], bundle: str, batch_size: int, device: str = "cpu") -> Preprocessing:
     """Read every image once (page cache) and run the model once (torch's one-off set-up)."""
     data = [pathlib.Path(p).read_bytes() for p in paths]
-    encoder = Encoder.from_bundle(bundle)
+    encoder = Encoder.from_bundle(bundle, device)
     prep = encoder.config.preprocessing
     sample = [decode_image(d, prep).pixels for d in data[:batch_size]]
     encoder.encode(sample)
@@ -403,8 +408,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--torch_threads", type=int, default=0, help="torch intra-op threads for both (0: leave torch's default)"
     )
+    p.add_argument(
+        "--device", default="cpu", choices=("cpu", "cuda"), help="inference device of both (cuda: mixed precision)"
+    )
     p.add_argument("--out", default=None, help="default: bench/results/throughput.json")
     args = p.parse_args(argv)
+    resolve_device(args.device)  # --device cuda without a GPU: the clear error now, not after the decode rows
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     n_images = 1000 if args.quick else args.images
@@ -423,21 +432,26 @@ def main(argv: list[str] | None = None) -> int:
     paths = [r.image_uri for r in read_catalog(catalog)]
     sizes = (max(1, len(paths) // 10), len(paths))
     catalogs = {sizes[0]: head_catalog(catalog, sizes[0], os.path.join(work, "catalog-small.csv")), sizes[1]: catalog}
-    prep = warm_up(paths, bundle, args.batch_size)
+    prep = warm_up(paths, bundle, args.batch_size, args.device)
     common = {"dataset": "synthetic", "images": len(paths), "machine": machine(), "commit": commit()}
 
     print(f"decode alone: {len(paths)} images to {prep.image_size}x{prep.image_size}", flush=True)
     rows = decode_rows(paths, prep, args.threads, args.repeats, common)
 
-    setting = f"batch {args.batch_size}, torch threads {torch.get_num_threads()}"
+    setting = f"batch {args.batch_size}, device {args.device}, torch threads {torch.get_num_threads()}"
     print(f"embedding: {sizes[1]} and {sizes[0]} images, {setting}", flush=True)
     methods: dict[str, Callable[[int], Timed]] = {}
     for n, cat in catalogs.items():
         methods[f"pytorch-loop@{n}"] = lambda i, n=n, cat=cat: plain_loop(
-            cat, bundle, os.path.join(work, f"loop-{n}-{i}", "features.parquet"), args.batch_size, f"loop{i}"
+            cat,
+            bundle,
+            os.path.join(work, f"loop-{n}-{i}", "features.parquet"),
+            args.batch_size,
+            f"loop{i}",
+            args.device,
         )
         methods[f"beam-pipeline@{n}"] = lambda i, n=n, cat=cat: beam_pipeline(
-            cat, bundle, os.path.join(work, f"pipeline-{n}-{i}"), args.batch_size, f"pipeline{i}"
+            cat, bundle, os.path.join(work, f"pipeline-{n}-{i}"), args.batch_size, f"pipeline{i}", args.device
         )
     best = best_of(args.repeats, methods)
     loop, pipe = best[f"pytorch-loop@{sizes[1]}"], best[f"beam-pipeline@{sizes[1]}"]
@@ -447,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     embed_common = {
         **common,
         "runner": "FnApiRunner",
+        "device": args.device,
         "batch_size": args.batch_size,
         "torch_threads": torch.get_num_threads(),
         "repeats": args.repeats,

@@ -99,3 +99,10 @@ def test_freed_memory_is_reused_not_faulted_back_in():
     # Untuned, every round maps fresh memory: thousands of faults (fewer than its 16,384 small pages where
     # numpy's huge-page advice takes); tuned, none.
     assert faults < 64
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA: the GPU run is valid")
+def test_throughput_bench_refuses_cuda_without_a_gpu(tmp_path):
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        throughput.main(["--artifacts", str(tmp_path / "art"), "--device", "cuda", "--images", "24"])
+    assert not (tmp_path / "art").exists()  # refused before any work
