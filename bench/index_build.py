@@ -174,7 +174,7 @@ def build_beam(args) -> dict:
 
 
 def build_faiss(args) -> dict:
-    from retrieval_core.index.build import METRIC_TYPES, REFINE_K_FACTOR, gpu_clustering_index
+    from retrieval_core.index.build import METRIC_TYPES, REFINE_K_FACTOR, train_index
 
     paths = sorted(os.path.join(args.features, f) for f in os.listdir(args.features))
     base = _rss_mb()["VmRSS"]
@@ -183,16 +183,9 @@ def build_faiss(args) -> dict:
     read_s = time.perf_counter() - started
     index = faiss.index_factory(args.dim, args.factory, METRIC_TYPES["inner_product"])
     sample = vectors[np.random.default_rng(0).choice(len(vectors), min(args.train_sample, len(vectors)), False)]
-    ivf = faiss.try_extract_index_ivf(index)
-    # With a GPU, a hand-written script runs the k-means there too, as BuildIndex does (None: no GPU).
-    clustering = None if ivf is None else gpu_clustering_index(args.dim, ivf.quantizer.metric_type)
-    if clustering is not None:
-        ivf.clustering_index = clustering  # `clustering` keeps the GPU index alive until training is done
     t = time.perf_counter()
-    index.train(sample)
+    train_index(index, sample)  # index.train, with the k-means on the GPUs when there are any, as in BuildIndex
     train_s = time.perf_counter() - t
-    if ivf is not None:
-        ivf.clustering_index = None
     if isinstance(index, faiss.IndexRefine):
         index.k_factor = REFINE_K_FACTOR
     t = time.perf_counter()

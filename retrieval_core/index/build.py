@@ -310,31 +310,36 @@ def gpu_clustering_index(dim: int, metric: int) -> faiss.Index | None:
     return faiss.index_cpu_to_all_gpus(faiss.IndexFlat(dim, metric))
 
 
+def train_index(index: faiss.Index, sample: np.ndarray, clustering_index: faiss.Index | None = None) -> None:
+    """``index.train(sample)``, with an IVF coarse quantiser's k-means assigning on ``clustering_index``
+    (default: ``gpu_clustering_index``, so on the GPUs when there are any, else on the quantiser itself, on the
+    CPU). It must search exactly with the quantiser's metric; the centroids, and so the index, are then the same
+    up to float rounding."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        if clustering_index is None:
+            clustering_index = gpu_clustering_index(index.d, ivf.quantizer.metric_type)
+        if clustering_index is not None:
+            log.info("IVF training: k-means assigns on %s", type(clustering_index).__name__)
+        ivf.clustering_index = clustering_index  # read by train only, never serialised; alive while this runs
+    try:
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    finally:
+        if ivf is not None:
+            ivf.clustering_index = None
+
+
 def train_vector_index(
     sample: np.ndarray, dim: int, spec: IndexSpec, clustering_index: faiss.Index | None = None
 ) -> bytes:
-    """Create the empty index of ``spec``, train it on ``sample`` if it needs training, and serialise it.
-
-    An IVF coarse quantiser's k-means assigns on ``clustering_index`` (default: ``gpu_clustering_index``, so on
-    the GPUs when there are any, else on the quantiser itself, on the CPU). It must search exactly with the
-    quantiser's metric; the centroids, and so the index, are then the same up to float rounding.
-    """
+    """Create the empty index of ``spec``, train it on ``sample`` if it needs training (``train_index``, which
+    ``clustering_index`` goes to), and serialise it."""
     index = faiss.index_factory(dim, spec.vector_factory, METRIC_TYPES[spec.metric])
     if not index.is_trained:
-        sample = np.ascontiguousarray(sample, dtype=np.float32)
         nlist = _nlist(spec.vector_factory)
         if len(sample) < max(nlist, 1):
             raise ValueError(f"{spec.vector_factory} needs at least {nlist} training vectors, got {len(sample)}")
-        ivf = faiss.try_extract_index_ivf(index)
-        if ivf is not None:
-            if clustering_index is None:
-                clustering_index = gpu_clustering_index(dim, ivf.quantizer.metric_type)
-            if clustering_index is not None:
-                log.info("training %s: k-means assigns on %s", spec.vector_factory, type(clustering_index).__name__)
-            ivf.clustering_index = clustering_index  # only read by train; never serialised
-        index.train(sample)
-        if ivf is not None:
-            ivf.clustering_index = None
+        train_index(index, sample, clustering_index)
     if isinstance(index, faiss.IndexRefine):
         index.k_factor = REFINE_K_FACTOR
     return serialize_index(index)
