@@ -406,6 +406,22 @@ def test_ivf_training_assigns_on_the_clustering_index_it_is_given(factory):
     assert train_vector_index(unit, 32, spec, faiss.IndexFlat(32, faiss.METRIC_L1)) != default
 
 
+@pytest.mark.parametrize("factory", ["IVF16,Flat", "PCA16,IVF16,Flat", "OPQ4_16,IVF16,PQ4"])
+def test_the_default_gpu_path_trains_the_same_index(factory, monkeypatch):
+    """With faiss "seeing" a GPU whose copy of an index is the index itself, the default path builds the
+    clustering index as it would on a GPU machine: in the IVF's own space (after PCA/OPQ), giving the CPU's index."""
+    rng = np.random.default_rng(4)
+    unit = rng.normal(size=(4000, 32)).astype(np.float32)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    spec = IndexSpec(factory, "BFlat", 4)
+    cpu = train_vector_index(unit, 32, spec)
+    built = []
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", lambda index: built.append(index) or index)
+    assert train_vector_index(unit, 32, spec) == cpu
+    assert len(built) == 1 and built[0].d == faiss.try_extract_index_ivf(faiss.index_factory(32, factory)).d
+
+
 def test_gpu_clustering_index_only_where_faiss_sees_a_gpu():
     index = gpu_clustering_index(32, faiss.METRIC_INNER_PRODUCT)
     if faiss.get_num_gpus() == 0:

@@ -318,7 +318,7 @@ def train_index(index: faiss.Index, sample: np.ndarray, clustering_index: faiss.
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         if clustering_index is None:
-            clustering_index = gpu_clustering_index(index.d, ivf.quantizer.metric_type)
+            clustering_index = gpu_clustering_index(ivf.d, ivf.quantizer.metric_type)  # after any PCA/OPQ
         if clustering_index is not None:
             log.info("IVF training: k-means assigns on %s", type(clustering_index).__name__)
         ivf.clustering_index = clustering_index  # read by train only, never serialised; alive while this runs
