@@ -39,8 +39,16 @@ def test_read_and_decode_cuts_batches_and_dead_letters_each_bad_image(tmp_path):
     prep = Preprocessing(image_size=16)
     files = {r["item_id"]: r["image_uri"] for r in rows}
 
+    # One bundle in catalog order: chunks are rows[0:4], rows[4:8], ...; each batch is its chunk's good images.
+    good = set(expect["good"])
+    chunk_ids = [[r["item_id"] for r in rows[i : i + 4]] for i in range(0, len(rows), 4)]
+    expected_batches = [[i for i in ids if i in good] for ids in chunk_ids]
+    expected_batches = [ids for ids in expected_batches if ids]
+    assert len(expected_batches) >= 3 and any(len(ids) < 4 for ids in expected_batches)
+
     def check_batches(batches):
-        assert batches and all(1 <= len(metas) == len(pixels) <= 4 for metas, pixels in batches)
+        assert all(len(metas) == len(pixels) for metas, pixels in batches)
+        assert sorted([m["item_id"] for m in metas] for metas, _ in batches) == sorted(expected_batches)
         seen = [m["item_id"] for metas, _ in batches for m in metas]
         assert sorted(seen) == sorted(expect["good"])  # every good image once, no bad one
         for metas, pixels in batches:
@@ -57,7 +65,7 @@ def test_read_and_decode_cuts_batches_and_dead_letters_each_bad_image(tmp_path):
         assert by_id["bad-missing"] == ("read", "not_found") and by_id["bad-zero"] == ("decode", "empty")
 
     with beam.Pipeline(FN_API) as p:
-        batches, dead = p | beam.Create(rows) | ReadAndDecode(prep, "r1", batch_size=4)
+        batches, dead = p | beam.Create(rows, reshuffle=False) | ReadAndDecode(prep, "r1", batch_size=4)
         assert_that(batches, check_batches, label="batches")
         assert_that(dead, check_dead, label="dead")
 

@@ -24,8 +24,9 @@ from schemas import REQUIRED_CATALOG_COLUMNS
 FORMATS = ("csv", "jsonl", "parquet")
 
 DEDUPE_PARTITIONS = 1024
-"""Partitions of the de-duplication shuffle. Everything after it (decode, inference, writing) runs where the
-partition landed, so this bounds how many workers share the work."""
+"""Partitions of the de-duplication shuffle: up to this many workers de-duplicate, each holding its partition's
+rows (catalog rows / 1,024) at once. Decoding and inference do not inherit the bound: ReadAndDecode spreads its
+chunks again."""
 
 FLUSH_ROWS = 128
 """Rows a partition gathers while the file is parsed before they go on as one list: the shuffle moves lists,
@@ -218,8 +219,8 @@ class _DropDuplicatesFn(beam.DoFn):
 
 
 class ReadCatalog(beam.PTransform):
-    """Catalog path -> (rows, dead letters). Rows are spread over workers after parsing, by the de-duplication
-    shuffle: rows go to ``partitions`` partitions by item id, in lists (``FLUSH_ROWS``).
+    """Catalog path -> (rows, dead letters). Rows leave the parsing worker by the de-duplication shuffle: they
+    go to ``partitions`` partitions by item id, in lists (``FLUSH_ROWS``).
 
     With ``dedupe=False`` repeated item ids are left in, for a caller that groups by item id anyway
     and applies ``keep_first`` there (an incremental run's join), saving a shuffle of the catalog.

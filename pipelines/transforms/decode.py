@@ -159,7 +159,13 @@ class ReadAndDecode(beam.PTransform):
     def expand(self, rows):
         # Exactly batch_size rows per chunk (fewer only at a bundle's end): Beam's adaptive batching would start
         # at one and jitter the size to fit a latency model, which costs throughput in a batch job.
-        chunks = rows | "Chunk" >> beam.BatchElements(min_batch_size=self.batch_size, max_batch_size=self.batch_size)
+        chunks = (
+            rows
+            | "Chunk" >> beam.BatchElements(min_batch_size=self.batch_size, max_batch_size=self.batch_size)
+            # Whatever grouped the rows before (the catalog's 1,024 de-duplication partitions, the incremental
+            # join's partitions) must not bound how many workers decode and embed: each chunk goes on its own.
+            | "SpreadChunks" >> beam.Reshuffle()
+        )
         out = chunks | "ReadDecode" >> beam.ParDo(
             _ReadAndDecodeFn(self.prep, self.limits, self.run_id, self.remote_threads)
         ).with_outputs(DEAD_LETTER_TAG, main="decoded")
