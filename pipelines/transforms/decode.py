@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import time
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import apache_beam as beam
 import numpy as np
@@ -46,8 +48,23 @@ def read_failure(row: dict, error: tuple[str, str], run_id: str) -> beam.pvalue.
     )
 
 
+T = TypeVar("T")
+R = TypeVar("R")
+
 REMOTE_READ_THREADS = 16
 """Remote images (GCS, http) of a batch read at once: their reads wait on the network, not the CPU."""
+
+
+def map_reads(
+    pool: ThreadPoolExecutor, fn: Callable[[T], R], rows: Iterable[T], uri: Callable[[T], str]
+) -> Iterator[R]:
+    """``fn`` over ``rows``: the ones whose ``uri`` is local inline (a thread would cost more than the read), the
+    remote ones through ``pool`` all at once (their reads wait on the network). Local results come first."""
+    local: list[T] = []
+    remote: list[T] = []
+    for row in rows:
+        (local if rio.is_local(uri(row)) else remote).append(row)
+    return itertools.chain(map(fn, local), pool.map(fn, remote))
 
 
 def _read(row: dict) -> tuple[dict, bytes | None, str | None, tuple[str, str] | None, int]:
@@ -86,13 +103,8 @@ class _ReadAndDecodeFn(beam.DoFn):
         metas: list[dict] = []
         pixels: list[np.ndarray] = []
         nbytes = 0
-        local: list[dict] = []
-        remote: list[dict] = []
-        for row in rows:
-            (local if rio.is_local(row["image_uri"]) else remote).append(row)
-        # Local files are read inline (a thread would cost more than the read); the batch's remote images are
-        # all requested at once, and each is decoded as it comes back.
-        for row, data, stamp, error, micros in itertools.chain(map(_read, local), self.pool.map(_read, remote)):
+        # The batch's remote images are all requested at once, and each is decoded as it comes back.
+        for row, data, stamp, error, micros in map_reads(self.pool, _read, rows, lambda r: r["image_uri"]):
             self.read_timer.record(micros)
             if error is not None:
                 self.read_failed.inc()

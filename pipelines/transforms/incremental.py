@@ -39,7 +39,7 @@ from apache_beam.metrics import Metrics
 
 from pipelines.transforms.catalog import duplicates_counter, item_partition, keep_first
 from pipelines.transforms.dead_letter import DEAD_LETTER_TAG
-from pipelines.transforms.decode import REMOTE_READ_THREADS, read_error, read_failure
+from pipelines.transforms.decode import REMOTE_READ_THREADS, map_reads, read_error, read_failure
 from pipelines.transforms.timing import StageTimer
 from retrieval_core import io as rio
 from schemas import STRING_MAP
@@ -161,7 +161,7 @@ class _ClassifyFn(beam.DoFn):
                 path, keys = value
                 previous.update((key[0], (*key[1:], path)) for key in keys)  # item_id -> (sha, model, stamp, file)
         self.counters["removed"].inc(len(previous.keys() - current.keys()))
-        local, remote = [], []
+        jobs = []
         for item_id, rows in current.items():
             row, duplicates = keep_first(item_id, rows, self.run_id)
             self.duplicates.inc(len(duplicates))
@@ -170,10 +170,8 @@ class _ClassifyFn(beam.DoFn):
             trusted = None  # a stored (hash, stamp) worth checking: same model, a stamp, not --rehash
             if prev is not None and prev[1] == self.model_id and prev[2] is not None and not self.rehash:
                 trusted = (prev[0], prev[2])
-            (local if rio.is_local(row["image_uri"]) else remote).append((row, trusted))
-        fingerprints = itertools.chain(
-            itertools.starmap(_fingerprint, local), self.pool.map(lambda job: _fingerprint(*job), remote)
-        )
+            jobs.append((row, trusted))
+        fingerprints = map_reads(self.pool, lambda job: _fingerprint(*job), jobs, lambda job: job[0]["image_uri"])
         carried = defaultdict(list)
         for row, digest, stamp, error, read, micros in fingerprints:
             self.timer.record(micros)
