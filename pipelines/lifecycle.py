@@ -14,7 +14,6 @@ import errno
 import json
 import logging
 import os
-import shutil
 import socket
 
 from apache_beam.io.filesystems import FileSystems
@@ -125,15 +124,6 @@ class OutputLock:
         self.release()
 
 
-def _delete_tree(path: str) -> None:
-    if rio.is_local(path):
-        shutil.rmtree(rio.local_path(path), ignore_errors=True)
-    else:
-        files = rio.list_files(path.rstrip("/") + "/**")
-        if files:
-            FileSystems.delete(files)
-
-
 def _children(path: str) -> list[str]:
     """Names of the sub-folders of ``path`` (local) or of the first path level below it (URI)."""
     if rio.is_local(path):
@@ -172,7 +162,7 @@ def prune(root: str, keep: int, *, current_run: str | None = None) -> list[str]:
         for child in _children(rio.join(root, table)):
             name = child[len("run=") :] if child.startswith("run=") else child
             if name not in kept:
-                _delete_tree(rio.join(root, table, child))
+                rio.delete_tree(rio.join(root, table, child))
                 deleted.append(f"{table}/{child}")
     if deleted:
         log.info("pruned %s", ", ".join(deleted))

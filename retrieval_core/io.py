@@ -12,6 +12,7 @@ import http.client
 import logging
 import os
 import random
+import shutil
 import tempfile
 import threading
 import time
@@ -409,6 +410,16 @@ def parquet_rows(path: str) -> int:
         return pq.read_metadata(local_path(path)).num_rows
     with open_read(path) as f:
         return pq.read_metadata(f).num_rows
+
+
+def delete_tree(path: str) -> None:
+    """Delete a folder (local) or every object under a prefix (URI); nothing there is not an error."""
+    if is_local(path):
+        shutil.rmtree(local_path(path), ignore_errors=True)
+        return
+    files = list_files(path.rstrip("/") + "/**")
+    if files:
+        FileSystems.delete(files)
 
 
 def list_files(pattern: str) -> list[str]:

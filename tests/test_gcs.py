@@ -191,6 +191,7 @@ def test_pipeline_on_gcs_with_injected_faults(gcs, tmp_path, tiny_bundle, monkey
     assert report["counts"]["indexed"] == len(expect["good"])  # retried: nothing lost
     assert report["counts"]["dead_letter"] == len(expect["bad"])
     assert read_current(out) == "g1"
+    assert rio.list_files(f"{out}/indices/g1/**") and not rio.list_files(f"{out}/indices/g1/_parts/**")
     s = Searcher.open(out)  # verifies every sha256 over GCS
     assert s.ntotal == len(expect["good"])
     assert sorted(s.item_ids.to_pylist()) == sorted(expect["good"])  # nothing duplicated

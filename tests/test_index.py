@@ -23,10 +23,12 @@ from retrieval_core.index.build import (
     fill_vector_shard,
     gpu_clustering_index,
     parse_bytes,
+    read_block,
     read_feature_block,
     serialize_index,
     shard_of,
     train_vector_index,
+    write_block,
     write_shard,
 )
 from retrieval_core.index.publish import build_manifest, publish, read_current
@@ -317,7 +319,7 @@ def test_cli_prints_json(binary_generation, capsys, tmp_path):
     assert len(out["results"]) == 2 and out["results"][0]["neighbours"][0]["item_id"] == "it000000"
 
 
-def test_blocks_split_by_shard_of_and_round_trip_through_parquet(tmp_path):
+def test_blocks_split_by_shard_of_and_round_trip_through_parquet_and_part_files(tmp_path):
     """The column-wise path BuildIndex takes: Parquet -> Block -> per-shard parts, checked row by row."""
     rng = np.random.default_rng(3)
     n, dim, bits = 257, 8, 16
@@ -345,6 +347,13 @@ def test_blocks_split_by_shard_of_and_round_trip_through_parquet(tmp_path):
             np.testing.assert_array_equal(part.codes[j], codes[i])
     merged = Block.concat(parts.values(), dim, bits).sorted_by_id()
     assert merged.item_ids.tolist() == sorted(ids)
+    # Spilled to a part file (as ReadBlocks does) and read back (as FillShards does): unchanged, empty ones too.
+    for name, part in (*((str(s), p) for s, p in parts.items()), ("empty", Block.empty(dim, bits))):
+        write_block(str(tmp_path / "parts" / f"{name}.arrow"), part)
+        back = read_block(str(tmp_path / "parts" / f"{name}.arrow"), dim, bits)
+        for field in Block.__dataclass_fields__:
+            np.testing.assert_array_equal(getattr(back, field), getattr(part, field))
+        assert back.vectors.dtype == np.float32 and back.codes.shape == (len(part), bits // 8)
 
 
 def test_bottom_k_sample_does_not_depend_on_split_or_order():

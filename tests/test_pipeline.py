@@ -78,6 +78,14 @@ def test_published_index(indexed):
     btotal = sum(faiss.read_index_binary(os.path.join(out, s.path)).ntotal for s in manifest.hamming_shards)
     assert total == btotal == len(expect["good"])
     assert json.load(open(os.path.join(out, "runs", "r1.json")))["status"] == "published"
+    # The generation folder holds the manifest and what it lists, nothing else: BuildIndex's part files are gone.
+    on_disk = {
+        os.path.relpath(os.path.join(d, f), out)
+        for d, _, files in os.walk(os.path.join(out, "indices", "r1"))
+        for f in files
+    }
+    listed = {s.path for s in (*manifest.vector_shards, *manifest.hamming_shards, *manifest.id_files)}
+    assert on_disk == listed | {"indices/r1/manifest.json"}
 
 
 def test_indexed_image_finds_itself_first(indexed):

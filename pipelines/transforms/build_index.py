@@ -1,39 +1,59 @@
 """BuildIndex: written feature files -> float and binary index shards, inside the Beam graph.
 
 Each feature file is read column-wise (item id, content hash, embedding, code)
-and cut into one ``Block`` per shard, so what moves between workers is a few
-arrays per file, never one Python object per row. A bottom-k sample by a hash
-of the item id trains the empty index once; it is broadcast as a side input and
-the shards are filled in parallel, each written with its id file. Items go to
-shards by a hash of their id and inside a shard rows are in item-id order, so
-the result does not depend on how the runner split or ordered the work.
+and cut into one ``Block`` per shard, and each block is spilled to a part file
+under ``<generation>/_parts/``: what the runner shuffles is part paths, so no
+runner holds the generation's vectors in memory (the local runner's GroupByKey
+would hold all of them). A bottom-k sample by a hash of the item id trains the
+empty index once; it is broadcast as a side input and the shards are filled in
+parallel from their parts, each written with its id file; then the parts are
+deleted. Items go to shards by a hash of their id and inside a shard rows are
+in item-id order, so the result does not depend on how the runner split or
+ordered the work.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
 from pipelines.transforms.timing import StageTimer
+from retrieval_core import io as rio
 from retrieval_core.index.build import (
     Block,
     bottom_k,
     choose_spec,
     id_keys,
+    read_block,
     read_feature_block,
     train_vector_index,
+    write_block,
     write_shard,
 )
 
 SAMPLE_TAG = "sample"
+PARTS_DIR = "_parts"
+"""Under the generation folder: each shard's blocks between ReadBlocks and FillShards; deleted once every
+shard is written (and with the generation, by ``prune``, if the run dies first)."""
+
+
+def part_path(parts_dir: str, shard: int, feature_file: str) -> str:
+    """Where ReadBlocks spills the rows of ``feature_file`` that go to ``shard``: named by a hash of the feature
+    file's path, so a retried ReadBlocks overwrites its own parts."""
+    digest = hashlib.sha256(feature_file.encode()).hexdigest()[:24]
+    return rio.join(parts_dir, f"shard-{shard:05d}", f"{digest}.arrow")
 
 
 class _ReadBlocksFn(beam.DoFn):
-    """One feature file -> ``(shard, Block)`` for every shard that has rows in it, and on ``SAMPLE_TAG`` the
-    file's ``(row count, sample keys, vectors)`` already cut to its bottom ``sample_size``."""
+    """One feature file -> ``(shard, part path)`` for every shard that has rows in it, the part written by
+    ``write_block``, and on ``SAMPLE_TAG`` the file's ``(row count, sample keys, vectors)`` already cut to its
+    bottom ``sample_size``."""
 
-    def __init__(self, num_shards: int, dim: int, hash_bits: int, sample_size: int) -> None:
+    def __init__(self, parts_dir: str, num_shards: int, dim: int, hash_bits: int, sample_size: int) -> None:
+        self.parts_dir = parts_dir
         self.num_shards, self.dim, self.hash_bits, self.sample_size = num_shards, dim, hash_bits, sample_size
         self.rows = Metrics.counter("build_index", "rows_read")
         self.timer = StageTimer("build_index", "read_features")
@@ -42,11 +62,14 @@ class _ReadBlocksFn(beam.DoFn):
         with self.timer.time():
             block = read_feature_block(path, self.dim, self.hash_bits)
             shard_keys, sample_keys = id_keys(block.item_ids)
-            parts = block.split_by_shard(self.num_shards, shard_keys)
             sample = bottom_k(sample_keys, block.vectors, self.sample_size)
+            parts = []
+            for shard, part in block.split_by_shard(self.num_shards, shard_keys).items():
+                parts.append((shard, part_path(self.parts_dir, shard, path)))
+                write_block(parts[-1][1], part)
         self.rows.inc(len(block))
         yield beam.pvalue.TaggedOutput(SAMPLE_TAG, (len(block), *sample))
-        yield from parts.items()
+        yield from parts
 
 
 class _TrainingSample(beam.CombineFn):
@@ -95,7 +118,7 @@ def _train(
 
 
 class _FillShardFn(beam.DoFn):
-    """Fill one shard from its blocks and the trained empty index (a side input); write its three files."""
+    """Fill one shard from its part files and the trained empty index (a side input); write its three files."""
 
     def __init__(self, generation_dir: str, generation_rel: str, num_shards: int, dim: int, hash_bits: int) -> None:
         self.generation_dir = generation_dir
@@ -107,10 +130,14 @@ class _FillShardFn(beam.DoFn):
         self.timer = StageTimer("build_index", "fill_and_write_shard")
 
     def process(self, keyed, trained):
-        shard, blocks = keyed
+        shard, parts = keyed
         spec, empty_index = trained
-        block = Block.concat((b for b in blocks if b is not None), self.dim, self.hash_bits)
         with self.timer.time():
+            block = Block.concat(
+                (read_block(p, self.dim, self.hash_bits) for p in sorted(p for p in parts if p is not None)),
+                self.dim,
+                self.hash_bits,
+            )
             result = write_shard(
                 self.generation_dir,
                 self.generation_rel,
@@ -124,6 +151,11 @@ class _FillShardFn(beam.DoFn):
             )
         self.vectors_added.inc(len(block))
         yield result
+
+
+def _remove_parts(_, parts_dir: str, results: list[dict]) -> list[dict]:
+    rio.delete_tree(parts_dir)
+    return results
 
 
 class BuildIndex(beam.PTransform):
@@ -164,10 +196,10 @@ class BuildIndex(beam.PTransform):
 
     def expand(self, feature_files):
         n, dim, bits = self.num_shards, self.dim, self.hash_bits
+        parts_dir = rio.join(self.generation_dir, PARTS_DIR)
         read = feature_files | "ReadBlocks" >> beam.ParDo(
-            _ReadBlocksFn(n, dim, bits, self.train_sample_size)
-        ).with_outputs(SAMPLE_TAG, main="blocks")
-        blocks = read.blocks
+            _ReadBlocksFn(parts_dir, n, dim, bits, self.train_sample_size)
+        ).with_outputs(SAMPLE_TAG, main="parts")
         trained = (
             read[SAMPLE_TAG]
             | "Sample" >> beam.CombineGlobally(_TrainingSample(self.train_sample_size, dim))
@@ -184,8 +216,8 @@ class BuildIndex(beam.PTransform):
         )
         # Every shard exists even when no item hashes to it, so the manifest always lists num_shards shards.
         shard_keys = feature_files.pipeline | "AllShards" >> beam.Create([(s, None) for s in range(n)], reshuffle=False)
-        shards = (
-            (blocks, shard_keys)
+        filled = (
+            (read.parts, shard_keys)
             | "WithAllShards" >> beam.Flatten()
             | "GroupByShard" >> beam.GroupByKey()
             | "FillShards"
@@ -193,6 +225,13 @@ class BuildIndex(beam.PTransform):
                 _FillShardFn(self.generation_dir, self.generation_rel, n, dim, bits),
                 trained=beam.pvalue.AsSingleton(trained),
             )
+        )
+        # The shard results pass through one step that runs after every shard is written and deletes the parts
+        # first; deleting what is already gone is fine, so a retried step does no harm.
+        shards = (
+            feature_files.pipeline
+            | "AfterFill" >> beam.Create([None], reshuffle=False)
+            | "RemoveParts" >> beam.FlatMap(_remove_parts, parts_dir=parts_dir, results=beam.pvalue.AsList(filled))
         )
         spec = trained | "Spec" >> beam.Map(lambda t: t[0])
         return shards, spec

@@ -127,6 +127,21 @@ class Block:
             codes,
         )
 
+    def to_table(self) -> pa.Table:
+        """The ``INDEX_COLUMNS`` with the feature schema's types; ``from_table`` reads it back unchanged."""
+        n, dim = self.vectors.shape
+        width = self.codes.shape[1]
+        vectors = pa.array(np.ascontiguousarray(self.vectors, dtype=np.float32).reshape(-1))
+        codes = pa.py_buffer(np.ascontiguousarray(self.codes, dtype=np.uint8).tobytes())
+        return pa.table(
+            {
+                "item_id": pa.array(self.item_ids.tolist(), pa.string()),
+                "content_sha256": pa.array(self.content_sha256.tolist(), pa.string()),
+                "embedding": pa.FixedSizeListArray.from_arrays(vectors, dim),
+                "hash_code": pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n, [None, codes]),
+            }
+        )
+
     def take(self, rows: np.ndarray) -> Block:
         return Block(self.item_ids[rows], self.content_sha256[rows], self.vectors[rows], self.codes[rows])
 
@@ -152,6 +167,21 @@ class Block:
 def read_feature_block(path: str, dim: int, hash_bits: int) -> Block:
     """The index columns of one feature Parquet file (local or URI)."""
     return Block.from_table(rio.read_parquet(path, columns=list(INDEX_COLUMNS)), dim, hash_bits)
+
+
+def write_block(path: str, block: Block) -> None:
+    """Spill a block to one Arrow IPC file (local or URI), atomically: BuildIndex's shard parts."""
+    table = block.to_table()
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    rio.write_bytes_atomic(path, sink.getvalue())
+
+
+def read_block(path: str, dim: int, hash_bits: int) -> Block:
+    """A block written by ``write_block``."""
+    table = pa.ipc.open_file(pa.py_buffer(rio.read_bytes(path))).read_all()
+    return Block.from_table(table, dim, hash_bits)
 
 
 def bottom_k(keys: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
