@@ -368,6 +368,34 @@ def test_bottom_k_sample_does_not_depend_on_split_or_order():
     merged_keys, merged = bottom_k(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), 100)
     np.testing.assert_array_equal(merged_keys, whole_keys)
     np.testing.assert_array_equal(merged, whole)
+    # Given as lists of parts (what the combine buffers), including an empty part: the same, without concatenating.
+    listed_keys, listed = bottom_k([p[0] for p in parts] + [keys[:0]], [p[1] for p in parts] + [vectors[:0]], 100)
+    np.testing.assert_array_equal(listed_keys, whole_keys)
+    np.testing.assert_array_equal(listed, whole)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_training_sample_combine_equals_bottom_k_of_everything(seed):
+    """BuildIndex's CombineFn, fed per-file samples in any bundling and order, with compactions on the way:
+    the row count and exactly the bottom-k of all rows."""
+    from pipelines.transforms.build_index import _TrainingSample
+
+    rng = np.random.default_rng(seed)
+    keys = rng.integers(0, 2**63, size=1000, dtype=np.uint64)
+    vectors = rng.normal(size=(1000, 4)).astype(np.float32)
+    _, whole = bottom_k(keys, vectors, 100)
+    combine = _TrainingSample(100, 4)
+    accumulators = [combine.create_accumulator() for _ in range(3)]
+    cuts = np.sort(rng.choice(np.arange(1, 1000), 11, replace=False))
+    for rows in np.split(rng.permutation(1000), cuts):  # 12 "files", some larger than the sample, as ReadBlocks sends
+        sample = bottom_k(keys[rows], vectors[rows], 100) if len(rows) > 100 else (keys[rows], vectors[rows])
+        acc = accumulators[rng.integers(3)]
+        combine.add_input(acc, (len(rows), *sample))
+    accumulators[0] = combine.compact(accumulators[0])
+    count, sample = combine.extract_output(combine.merge_accumulators([accumulators[i] for i in rng.permutation(3)]))
+    assert count == 1000
+    np.testing.assert_array_equal(sample, whole)
+    assert combine.extract_output(combine.create_accumulator())[1].shape == (0, 4)
 
 
 def test_cli_radius_lists_every_code_within_it(binary_generation, capsys, tmp_path):

@@ -62,7 +62,12 @@ class _ReadBlocksFn(beam.DoFn):
         with self.timer.time():
             block = read_feature_block(path, self.dim, self.hash_bits)
             shard_keys, sample_keys = id_keys(block.item_ids)
-            sample = bottom_k(sample_keys, block.vectors, self.sample_size)
+            # A file's rows beyond sample_size cannot be in the sample; sorting the rest is left to the combine.
+            sample = (
+                bottom_k(sample_keys, block.vectors, self.sample_size)
+                if len(block) > self.sample_size
+                else (sample_keys, block.vectors)
+            )
             parts = []
             for shard, part in block.split_by_shard(self.num_shards, shard_keys).items():
                 parts.append((shard, part_path(self.parts_dir, shard, path)))
@@ -75,31 +80,47 @@ class _ReadBlocksFn(beam.DoFn):
 class _TrainingSample(beam.CombineFn):
     """Per-file samples -> ``(row count, the sample_size vectors with the smallest sample keys)``.
 
-    Order-independent (see ``bottom_k``): the same rows give the same sample on any runner.
+    Order-independent (see ``bottom_k``): the same rows give the same sample on any runner. Samples are
+    buffered and cut to the bottom ``sample_size`` only when the buffer passes ``COMPACT_AT`` times that (and
+    before an accumulator is shuffled or read out), not once per file, which re-sorted the whole sample each time.
     """
+
+    COMPACT_AT = 4
 
     def __init__(self, sample_size: int, dim: int) -> None:
         self.sample_size, self.dim = sample_size, dim
 
     def create_accumulator(self):
-        return 0, np.zeros(0, np.uint64), np.zeros((0, self.dim), np.float32)
+        return [0, [], []]  # row count, key arrays, vector arrays
 
-    def _merge(self, parts):
-        count = sum(p[0] for p in parts)
-        keys, vectors = bottom_k(
-            np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts]), self.sample_size
-        )
-        return count, keys, vectors
+    def _compact(self, acc, force: bool = False):
+        _, keys, vectors = acc
+        if keys and (force or sum(map(len, keys)) > self.COMPACT_AT * self.sample_size):
+            kept_keys, kept = bottom_k(keys, vectors, self.sample_size)
+            keys[:], vectors[:] = [kept_keys], [kept]
+        return acc
 
     def add_input(self, acc, sample):
-        return self._merge([acc, sample])
+        count, keys, vectors = sample
+        acc[0] += count
+        acc[1].append(keys)
+        acc[2].append(vectors)
+        return self._compact(acc)
 
     def merge_accumulators(self, accumulators):
-        return self._merge(list(accumulators))
+        merged = self.create_accumulator()
+        for count, keys, vectors in accumulators:
+            merged[0] += count
+            merged[1] += keys
+            merged[2] += vectors
+        return self._compact(merged)
+
+    def compact(self, acc):
+        return self._compact(acc, force=True)
 
     def extract_output(self, acc):
-        count, _, vectors = acc
-        return count, vectors
+        count, keys, vectors = self._compact(acc, force=True)
+        return count, vectors[0] if vectors else np.zeros((0, self.dim), np.float32)
 
 
 def _train(

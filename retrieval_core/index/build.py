@@ -184,18 +184,29 @@ def read_block(path: str, dim: int, hash_bits: int) -> Block:
     return Block.from_table(table, dim, hash_bits)
 
 
-def bottom_k(keys: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def bottom_k(
+    keys: np.ndarray | list[np.ndarray], vectors: np.ndarray | list[np.ndarray], k: int
+) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` rows with the smallest keys, in key order.
 
     Keeping the smallest hash keys is a sample that does not depend on how the
     rows were split or ordered (a bottom-k sketch), so the trained index is the
-    same however the runner scheduled the work.
+    same however the runner scheduled the work. ``keys`` and ``vectors`` may be
+    lists of parts (one pair of arrays per file): the result is that of the parts
+    concatenated, but only the kept vectors are copied.
     """
-    if len(keys) > k:
-        keep = np.argpartition(keys, k - 1)[:k]
-        keys, vectors = keys[keep], vectors[keep]
-    order = np.argsort(keys, kind="stable")
-    return keys[order], vectors[order]
+    if not isinstance(keys, list):
+        keys, vectors = [keys], [vectors]
+    ends = np.cumsum([len(part) for part in keys])
+    all_keys = np.concatenate(keys)
+    rows = np.argpartition(all_keys, k - 1)[:k] if len(all_keys) > k else np.arange(len(all_keys))
+    rows = rows[np.argsort(all_keys[rows], kind="stable")]
+    part_of_row = np.searchsorted(ends, rows, side="right")
+    kept = np.empty((len(rows), *vectors[0].shape[1:]), vectors[0].dtype)
+    for part in np.unique(part_of_row):
+        at = np.flatnonzero(part_of_row == part)
+        kept[at] = vectors[part][rows[at] - (ends[part] - len(keys[part]))]
+    return all_keys[rows], kept
 
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
