@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import platform
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,17 +16,37 @@ from retrieval_core.preprocess import to_model_input
 
 
 def resolve_device(device: str) -> str:
-    """Validate a device name; ``cuda`` without a usable GPU is an error, never a silent CPU fallback."""
+    """Validate a device name (``cpu``, ``cuda``, ``cuda:N``); ``cuda`` without a usable GPU is an error, never a
+    silent CPU fallback."""
     if device == "cpu":
         return device
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise RuntimeError(
-                f"--device {device} was requested but CUDA is not available here "
-                f"(torch {torch.__version__}, torch.cuda.is_available() is False); use --device cpu"
-            )
-        return device
-    raise ValueError(f"unknown device {device!r}: use 'cpu' or 'cuda'")
+    match = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if match is None:
+        raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'")
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"--device {device} was requested but CUDA is not available here "
+            f"(torch {torch.__version__}, torch.cuda.is_available() is False); use --device cpu"
+        )
+    if match.group(1) is not None and int(match.group(1)) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+_DEVICE_ERROR_TEXT = ("CUDA", "CUBLAS", "cuDNN", "CUDNN", "NCCL", "out of memory", "can't allocate memory")
+
+
+def is_device_failure(exc: BaseException) -> bool:
+    """True for failures of the machine rather than of the batch: out of host or GPU memory, and CUDA, cuBLAS or
+    cuDNN errors (after some of which the CUDA context is unusable for every later batch).
+
+    The same batch can succeed when retried elsewhere or with a smaller ``--batch_size``, so the pipeline lets these
+    fail the work instead of dead-lettering the batch's images; a run of them would otherwise publish a generation
+    without most of its items.
+    """
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError, torch.AcceleratorError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _DEVICE_ERROR_TEXT)
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>

@@ -20,7 +20,7 @@ from retrieval_core.bundle import (
     save_bundle,
     verify_bundle,
 )
-from retrieval_core.encoder import Encoder, pack_codes, resolve_device
+from retrieval_core.encoder import Encoder, is_device_failure, pack_codes, resolve_device
 from retrieval_core.models import create_model, list_models
 from retrieval_core.preprocess import Preprocessing
 
@@ -115,6 +115,35 @@ def test_cuda_request_without_cuda_fails_loudly():
         resolve_device("cuda")
     with pytest.raises(ValueError):
         resolve_device("tpu")
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("cudax")
+
+
+def test_cuda_device_index_is_checked_against_the_devices(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [resolve_device(d) for d in ("cpu", "cuda", "cuda:0", "cuda:1")] == ["cpu", "cuda", "cuda:0", "cuda:1"]
+    with pytest.raises(ValueError, match="has 2 CUDA device"):
+        resolve_device("cuda:2")
+
+
+@pytest.mark.parametrize(
+    "exc, device",
+    [
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+        (torch.AcceleratorError("CUDA error: an illegal memory access was encountered"), True),
+        (RuntimeError("CUDA error: device-side assert triggered"), True),
+        (RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasSgemm`"), True),
+        (RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR"), True),
+        (RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory"), True),
+        (MemoryError(), True),
+        (RuntimeError("Given groups=1, weight of size [8, 3, 3, 3], expected input to have 3 channels"), False),
+        (ValueError("an image with no pixels"), False),
+        (KeyError("embedding"), False),
+    ],
+)
+def test_device_failures_are_told_from_batch_failures(exc, device):
+    assert is_device_failure(exc) is device
 
 
 def test_written_files_and_bundles_get_the_umask_mode(tmp_path, tiny_bundle):

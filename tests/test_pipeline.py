@@ -185,7 +185,7 @@ def test_inference_failure_becomes_dead_letters(tmp_path, tiny_bundle, monkeypat
     from retrieval_core.encoder import Encoder
 
     def broken_encode(self, pixels, row_errors=False):
-        raise RuntimeError("simulated CUDA out of memory")
+        raise ValueError("simulated: the model cannot take this batch")
 
     monkeypatch.setattr(Encoder, "encode", broken_encode)
     catalog, expect = write_catalog(str(tmp_path / "c"), 5, broken=False, duplicate=False)
@@ -193,9 +193,32 @@ def test_inference_failure_becomes_dead_letters(tmp_path, tiny_bundle, monkeypat
     report = _run(catalog, out, tiny_bundle[0])
     dead = pq.read_table(glob.glob(f"{out}/dead_letter/*/*.parquet")).to_pylist()
     assert sorted(r["item_id"] for r in dead) == expect["good"]
-    assert {(r["stage"], r["error_type"]) for r in dead} == {("inference", "RuntimeError")}
+    assert {(r["stage"], r["error_type"]) for r in dead} == {("inference", "ValueError")}
+    assert {r["error_message"] for r in dead} == {"ValueError('simulated: the model cannot take this batch')"}
     assert report["counts"]["indexed"] == 0
     assert Searcher.open(out).search_vectors(np.zeros((1, 16), np.float32), k=3).item_ids == [[None] * 3]
+
+
+def test_a_device_failure_fails_the_run_and_publishes_nothing(tmp_path, tiny_bundle, monkeypatch):
+    """Out of (GPU) memory is not the batch's fault: no dead letters, the run fails, CURRENT keeps the last
+    generation (the runner would retry the bundle; the local one gives up)."""
+    import torch
+
+    from retrieval_core.encoder import Encoder
+
+    catalog, _ = write_catalog(str(tmp_path / "c"), 5, broken=False, duplicate=False)
+    out = str(tmp_path / "out")
+    assert _run(catalog, out, tiny_bundle[0], "--run_id=good")["status"] == "published"
+
+    def out_of_memory(self, pixels, row_errors=False):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Encoder, "encode", out_of_memory)
+    with pytest.raises(Exception, match="CUDA out of memory"):
+        _run(catalog, out, tiny_bundle[0], "--run_id=oom", "--full")
+    assert read_current(out) == "good"
+    assert not os.path.exists(os.path.join(out, "indices", "oom", "manifest.json"))
+    assert not glob.glob(f"{out}/dead_letter/run=oom/*.parquet")
 
 
 def test_memory_budget_is_recorded_and_one_nothing_fits_is_refused(tmp_path, tiny_bundle):

@@ -4,14 +4,17 @@
 (nothing live is pickled into the graph). Its example is a whole batch, ``(metas, pixels)`` as ``ReadAndDecode``
 cut it, and its prediction carries the batch's metadata along (as ``KeyedModelHandler`` would, without pickling
 every key to count bytes for a metric). ``Embed`` turns each encoded batch into one Arrow record batch of feature
-rows (column-wise, straight from the encoder's arrays), and routes failed batches, and the single images the
-bundle's embedding transform cannot serve, to the dead-letter output instead of failing the run.
+rows (column-wise, straight from the encoder's arrays), and routes the images of a batch the model could not run,
+and the single images the bundle's embedding transform cannot serve, to the dead-letter output instead of failing
+the run. Failures of the machine (out of memory, CUDA errors: ``is_device_failure``) are not the batch's fault:
+they fail the bundle, which the runner retries, and a run that cannot get past them publishes nothing.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import apache_beam as beam
 import numpy as np
@@ -21,9 +24,17 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInf
 
 from pipelines.transforms.dead_letter import DEAD_LETTER_TAG, dead_letter_row
 from retrieval_core.embedding_transform import EmbeddingTransformError
-from retrieval_core.encoder import EncodedBatch, Encoder
+from retrieval_core.encoder import EncodedBatch, Encoder, is_device_failure
 
 Batch = tuple[list[dict], list[np.ndarray]]  # (metas, pixels): metas[i] describes the (H, W, 3) uint8 pixels[i]
+
+
+@dataclass(frozen=True)
+class FailedBatch:
+    """A prediction's ``inference`` when the model raised on the batch: every image of it becomes a dead letter."""
+
+    error_type: str
+    message: str
 
 
 class BundleModelHandler(ModelHandler[Batch, PredictionResult, Encoder]):
@@ -32,7 +43,8 @@ class BundleModelHandler(ModelHandler[Batch, PredictionResult, Encoder]):
     An example is one whole batch, so RunInference is told to pass exactly one example per call
     (``batch_elements_kwargs``). Each result's ``example`` is the batch's ``metas`` (the pixels are not needed
     downstream) and its ``inference`` the batch's ``EncodedBatch``, where an image the bundle's transform cannot
-    serve is in ``errors`` (``Encoder.encode(row_errors=True)``).
+    serve is in ``errors`` (``Encoder.encode(row_errors=True)``), or a ``FailedBatch`` if the model raised on it.
+    A failure of the machine (``is_device_failure``) is raised, not turned into a ``FailedBatch``.
 
     Args:
         bundle_dir: the model bundle (local path or URI).
@@ -51,7 +63,13 @@ class BundleModelHandler(ModelHandler[Batch, PredictionResult, Encoder]):
         self, batch: Sequence[Batch], model: Encoder, inference_args: dict | None = None
     ) -> Iterable[PredictionResult]:
         for metas, pixels in batch:
-            yield PredictionResult(metas, model.encode(pixels, row_errors=True), model_id=model.config.model_id)
+            try:
+                encoded = model.encode(pixels, row_errors=True)
+            except Exception as exc:
+                if is_device_failure(exc):
+                    raise
+                encoded = FailedBatch(type(exc).__name__, repr(exc))
+            yield PredictionResult(metas, encoded, model_id=model.config.model_id)
 
     def get_num_bytes(self, batch: Sequence[Batch]) -> int:
         return sum(x.nbytes for _metas, pixels in batch for x in pixels)  # the default pickles the whole batch
@@ -106,24 +124,10 @@ def _inference_dead_letter(meta: dict, error_type: str, message: str, run_id: st
     )
 
 
-class _FailedBatchToDeadLetters(beam.DoFn):
-    def __init__(self, run_id: str) -> None:
-        self.run_id = run_id
-        self.failed = Metrics.counter("inference", "failed")
-
-    def process(self, failed):
-        # Beam's exception handling emits (examples, (exception type, repr(exception), formatted traceback));
-        # an example here is one (metas, pixels) batch.
-        examples, (error_type, error_repr, _traceback) = failed
-        for metas, _pixels in examples:
-            self.failed.inc(len(metas))
-            for meta in metas:
-                yield _inference_dead_letter(meta, error_type.__name__, error_repr, self.run_id)
-
-
 class _ToFeatureBatch(beam.DoFn):
     """A batch's prediction -> one record batch of feature rows, and a dead-letter row (tag ``dead_letter``)
-    for each image the bundle's transform cannot serve (``EncodedBatch.errors``)."""
+    for each image the bundle's transform cannot serve (``EncodedBatch.errors``), or for every image of a
+    ``FailedBatch``."""
 
     def __init__(self, run_id: str, indexed_at: dt.datetime, schema: pa.Schema) -> None:
         self.run_id, self.indexed_at, self.schema = run_id, indexed_at, schema
@@ -132,7 +136,13 @@ class _ToFeatureBatch(beam.DoFn):
 
     def process(self, result: PredictionResult):
         metas = result.example
-        encoded: EncodedBatch = result.inference
+        encoded: EncodedBatch | FailedBatch = result.inference
+        if isinstance(encoded, FailedBatch):
+            self.failed.inc(len(metas))
+            for meta in metas:
+                row = _inference_dead_letter(meta, encoded.error_type, encoded.message, self.run_id)
+                yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, row)
+            return
         self.images.inc(len(metas))
         for i, error in sorted(encoded.errors.items()):
             self.failed.inc()
@@ -153,9 +163,10 @@ class Embed(beam.PTransform):
         self.run_id, self.indexed_at, self.schema = run_id, indexed_at, schema
 
     def expand(self, batches):
-        main, other = batches | "RunInference" >> RunInference(self.handler).with_exception_handling()
         to_rows = _ToFeatureBatch(self.run_id, self.indexed_at, self.schema)
-        out = main | "ToFeatureBatch" >> beam.ParDo(to_rows).with_outputs(DEAD_LETTER_TAG, main="rows")
-        to_dead = _FailedBatchToDeadLetters(self.run_id)
-        bad_batches = other.failed_inferences | "FailedToDeadLetter" >> beam.ParDo(to_dead)
-        return out.rows, (out[DEAD_LETTER_TAG], bad_batches) | "InferenceDeadLetters" >> beam.Flatten()
+        out = (
+            batches
+            | "RunInference" >> RunInference(self.handler)
+            | "ToFeatureBatch" >> beam.ParDo(to_rows).with_outputs(DEAD_LETTER_TAG, main="rows")
+        )
+        return out.rows, out[DEAD_LETTER_TAG]
