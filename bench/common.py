@@ -13,16 +13,46 @@ from retrieval_core.io import atomic_local_file
 RESULTS_DIR = os.path.join("bench", "results")
 
 
+def _nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+        )
+    except OSError:
+        return None
+    return out.stdout.split("\n", 1)[0].strip() or None
+
+
 def machine() -> str:
-    """CPU count, architecture, GPU (if torch sees one) and Python version, in one line."""
-    gpu = "no GPU"
+    """CPU count, architecture, GPUs and Python version, in one line.
+
+    With a GPU: torch's device name and count, its CUDA version, the NVIDIA driver, and how many GPUs faiss sees
+    (torch 2.14.1 is built for CUDA 13 and faiss-gpu 1.15.1 for CUDA 12, so a driver can serve one and not the
+    other).
+    """
+    parts = []
     try:
         import torch
 
         if torch.cuda.is_available():
-            gpu = torch.cuda.get_device_name(0)
+            parts.append(
+                f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)} (torch CUDA {torch.version.cuda})"
+            )
     except ImportError:
         pass
+    try:
+        import faiss
+
+        faiss_gpus = faiss.get_num_gpus()
+    except (ImportError, AttributeError):
+        faiss_gpus = 0
+    if faiss_gpus or parts:
+        parts = parts or ["torch sees no GPU"]
+        parts.append(f"faiss sees {faiss_gpus} GPU(s)")
+        driver = _nvidia_driver()
+        if driver:
+            parts.append(f"driver {driver}")
+    gpu = ", ".join(parts) if parts else "no GPU"
     return f"{os.cpu_count()}-core {platform.machine()}, {gpu}, Python {platform.python_version()}"
 
 

@@ -456,7 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     best = best_of(args.repeats, methods)
     loop, pipe = best[f"pytorch-loop@{sizes[1]}"], best[f"beam-pipeline@{sizes[1]}"]
     check = compare_tables(loop.extra["feature_files"], pipe.extra["feature_files"])
-    if not check["same_content_hashes"] or check["embedding_max_abs_diff"] > 1e-3:
+    # float16 on the GPU: the same image in a different batch may take another kernel, so allow more there.
+    tolerance = 1e-2 if args.device == "cuda" else 1e-3
+    if not check["same_content_hashes"] or check["embedding_max_abs_diff"] > tolerance:
         raise SystemExit(f"the loop and the pipeline disagree: {check}")
     embed_common = {
         **common,
