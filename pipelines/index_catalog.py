@@ -33,6 +33,7 @@ from pipelines.transforms.decode import ReadAndDecode
 from pipelines.transforms.incremental import SkipUnchanged
 from pipelines.transforms.inference import Embed
 from pipelines.transforms.publish import Publish, error_rate
+from pipelines.transforms.timing import query_metrics, stage_timings
 from pipelines.transforms.write import WriteTable, table_prefix
 from retrieval_core import io as rio
 from retrieval_core.bundle import BundleConfig, verify_bundle
@@ -273,41 +274,6 @@ def build_pipeline(
     )
 
 
-def _query_metrics(result) -> dict[str, list]:
-    """The runner's metrics; empty (with a warning) on a runner that does not collect them (e.g. Dask)."""
-    try:
-        return result.metrics().query()
-    except NotImplementedError as e:
-        log.warning("this runner reports no metrics (%s): counts come from the manifest only", e)
-        return {"counters": [], "distributions": [], "gauges": []}
-
-
-def _timings(metrics: dict[str, list]) -> dict[str, dict]:
-    """Distribution metrics in microseconds (``*_us``) -> count, total seconds and mean milliseconds per stage."""
-    out = {}
-    for d in metrics["distributions"]:
-        name = d.key.metric.name
-        # Ours end in _us; Beam's RunInference reports *_latency_micro_secs and *_latency_milli_secs.
-        scale = {"_us": 1, "_micro_secs": 1, "_milli_secs": 1000}.get(
-            next((suffix for suffix in ("_us", "_micro_secs", "_milli_secs") if name.endswith(suffix)), "")
-        )
-        value = d.committed if d.committed is not None else d.attempted
-        if scale is None or value is None or not value.count:
-            continue
-        key = f"{d.key.metric.namespace}.{name.removesuffix('_us')}"
-        total = out.setdefault(key, {"count": 0, "sum_us": 0})
-        total["count"] += value.count
-        total["sum_us"] += value.sum * scale
-    return {
-        k: {
-            "count": v["count"],
-            "total_s": round(v["sum_us"] / 1e6, 3),
-            "mean_ms": round(v["sum_us"] / v["count"] / 1e3, 3),
-        }
-        for k, v in sorted(out.items())
-    }
-
-
 def _counters(metrics: dict[str, list]) -> dict[str, int]:
     out = {}
     for c in metrics["counters"]:
@@ -363,7 +329,7 @@ def run(argv: list[str] | None = None) -> dict:
         published = (
             rio.exists(rio.join(config.output, CURRENT_FILE)) and read_current(config.output) == config.generation
         )
-        metrics = _query_metrics(p.result)
+        metrics = query_metrics(p.result)
         counters = _counters(metrics)
         counts = {
             "catalog_rows": counters.get("read_catalog.rows", 0),
@@ -398,7 +364,7 @@ def run(argv: list[str] | None = None) -> dict:
                 )
             },
             "counters": counters,
-            "timings": _timings(metrics),
+            "timings": stage_timings(metrics),
             "wall_s": round(time.time() - started, 3),
         }
         if published:

@@ -56,6 +56,9 @@ def test_index_build_bench_and_report(tmp_path):
     assert plain["factory"] == beam["factory"] == "IVF512,PQ4,Refine(SQ8)"
     assert beam["vectors"] == 10000 and beam["shards"] == 2 and beam["build_time_ratio"] > 0
     assert beam["estimated_bytes"] <= 360 * 1024
+    for row in (plain, beam):  # the stage times: each measured, and together within the wall time
+        stages = [row["read_s"], row["train_s"], row["fill_s"]]
+        assert all(t > 0 for t in stages) and sum(stages) <= row["build_s"]
     for row in (plain, beam):
         recalls = [c["recall_at_10"] for c in row["curve"]]
         assert [c["nprobe"] for c in row["curve"]] == [1, 2, 4, 8, 16, 32, 64, 128, 256]

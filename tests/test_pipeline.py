@@ -241,11 +241,12 @@ def test_memory_budget_is_recorded_and_one_nothing_fits_is_refused(tmp_path, tin
 
 def test_a_runner_without_metrics_still_gets_a_report():
     """Beam's DaskRunner raises NotImplementedError from metrics(): the report then has empty counters."""
-    from pipelines.index_catalog import _counters, _query_metrics, _timings
+    from pipelines.index_catalog import _counters
+    from pipelines.transforms.timing import query_metrics, stage_timings
 
     class NoMetrics:
         def metrics(self):
             raise NotImplementedError("collecting metrics will come later!")
 
-    metrics = _query_metrics(NoMetrics())
-    assert _counters(metrics) == {} and _timings(metrics) == {}
+    metrics = query_metrics(NoMetrics())
+    assert _counters(metrics) == {} and stage_timings(metrics) == {}

@@ -135,7 +135,8 @@ def _train(
 ):
     count, vectors = sample
     spec = choose_spec(count, factory, nprobe, hash_bits, binary_factory, dim=dim, max_index_memory=max_index_memory)
-    return spec, train_vector_index(vectors, dim, spec)
+    with StageTimer("build_index", "train").time():
+        return spec, train_vector_index(vectors, dim, spec)
 
 
 class _FillShardFn(beam.DoFn):
