@@ -16,9 +16,12 @@ RESULTS_DIR = os.path.join("bench", "results")
 def _nvidia_driver() -> str | None:
     try:
         out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
-    except OSError:
+    except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.split("\n", 1)[0].strip() or None
 

@@ -37,7 +37,7 @@ from pipelines.transforms.timing import query_metrics, stage_timings
 from pipelines.transforms.write import WriteTable, table_prefix
 from retrieval_core import io as rio
 from retrieval_core.bundle import BundleConfig, verify_bundle
-from retrieval_core.encoder import resolve_device
+from retrieval_core.encoder import parse_device, resolve_device
 from retrieval_core.index.build import METRIC_TYPES, IndexSpec, parse_bytes
 from retrieval_core.index.publish import CURRENT_FILE, MANIFEST_FILE, load_manifest, read_current
 from schemas import DEAD_LETTER_SCHEMA, feature_schema
@@ -65,7 +65,7 @@ class IndexOptions(PipelineOptions):
         parser.add_argument("--bundle", help="model bundle directory")
         parser.add_argument("--num_shards", type=int, default=4, help="shards of each index")
         parser.add_argument("--batch_size", type=int, default=64, help="largest inference batch")
-        parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="inference device")
+        parser.add_argument("--device", default="cpu", help="inference device: cpu, cuda or cuda:N")
         parser.add_argument(
             "--index_factory",
             default=None,
@@ -308,6 +308,7 @@ def run(argv: list[str] | None = None) -> dict:
     bundle = verify_bundle(config.bundle)  # a corrupt bundle is exit 2 now, not a crash on every worker
     check_factories(config, bundle)
     runner = options.view_as(StandardOptions).runner
+    parse_device(config.device)  # a misspelt --device: exit 2 now, whatever the runner
     if runner is None or runner in LOCAL_RUNNERS:
         resolve_device(config.device)  # --device cuda with no GPU: fail now, before any work
     with OutputLock(config.output, config.run_id):

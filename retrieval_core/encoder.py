@@ -15,20 +15,30 @@ from retrieval_core.embedding_transform import EmbeddingTransformError, parse_em
 from retrieval_core.preprocess import to_model_input
 
 
-def resolve_device(device: str) -> str:
-    """Validate a device name (``cpu``, ``cuda``, ``cuda:N``); ``cuda`` without a usable GPU is an error, never a
-    silent CPU fallback."""
-    if device == "cpu":
-        return device
-    match = re.fullmatch(r"cuda(?::(\d+))?", device)
+def parse_device(device: str) -> int | None:
+    """Check a device name's form (``cpu``, ``cuda``, ``cuda:N``) without looking for the device: ``N``, else None.
+
+    Raises:
+        ValueError: any other name.
+    """
+    match = re.fullmatch(r"cpu|cuda(?::(\d+))?", device)
     if match is None:
         raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'")
+    return None if match.group(1) is None else int(match.group(1))
+
+
+def resolve_device(device: str) -> str:
+    """Validate a device name (``parse_device``) and that it is here; ``cuda`` without a usable GPU is an error,
+    never a silent CPU fallback."""
+    index = parse_device(device)
+    if device == "cpu":
+        return device
     if not torch.cuda.is_available():
         raise RuntimeError(
             f"--device {device} was requested but CUDA is not available here "
             f"(torch {torch.__version__}, torch.cuda.is_available() is False); use --device cpu"
         )
-    if match.group(1) is not None and int(match.group(1)) >= torch.cuda.device_count():
+    if index is not None and index >= torch.cuda.device_count():
         raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
@@ -38,15 +48,19 @@ _DEVICE_ERROR_TEXT = ("CUDA", "CUBLAS", "cuDNN", "CUDNN", "NCCL", "out of memory
 
 def is_device_failure(exc: BaseException) -> bool:
     """True for failures of the machine rather than of the batch: out of host or GPU memory, and CUDA, cuBLAS or
-    cuDNN errors (after some of which the CUDA context is unusable for every later batch).
+    cuDNN errors, including an operator missing for the CUDA backend (the exception or its ``__cause__``).
 
-    The same batch can succeed when retried elsewhere or with a smaller ``--batch_size``, so the pipeline lets these
-    fail the work instead of dead-lettering the batch's images; a run of them would otherwise publish a generation
-    without most of its items.
+    They say nothing about the batch's images, and they usually repeat for every later batch (after some CUDA
+    errors the process's CUDA context is unusable), so the pipeline lets them fail the work instead of
+    dead-lettering the batch: otherwise a run of them would publish a generation without most of its items. A
+    runner's retry on another worker, or a smaller ``--batch_size``, may get past them.
     """
-    if isinstance(exc, (MemoryError, torch.OutOfMemoryError, torch.AcceleratorError)):
-        return True
-    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _DEVICE_ERROR_TEXT)
+    for e in (exc, exc.__cause__):
+        if isinstance(e, (MemoryError, torch.OutOfMemoryError, torch.AcceleratorError)):
+            return True
+        if isinstance(e, RuntimeError) and any(text in str(e) for text in _DEVICE_ERROR_TEXT):
+            return True
+    return False
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>

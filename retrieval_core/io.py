@@ -182,14 +182,14 @@ FILE_MODE = 0o666 & ~_UMASK
 DIR_MODE = 0o777 & ~_UMASK
 
 
-def write_bytes_atomic(path: str, data: bytes) -> None:
+def write_bytes_atomic(path: str, data: bytes, fsync: bool = True) -> None:
     """Write ``data`` so that readers see either the old file or the complete new one.
 
     Local files get the mode a plain ``open(path, "w")`` would give (``mkstemp`` alone makes them 0600,
     which a serving process running as another user could not read).
     """
     if is_local(path):
-        with atomic_local_file(local_path(path)) as f:
+        with atomic_local_file(local_path(path), fsync=fsync) as f:
             f.write(data)
         return
     with FileSystems.create(path) as f:
@@ -197,7 +197,7 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
 
 
 @contextlib.contextmanager
-def atomic_local_file(path: str, suffix: str = "") -> Iterator[BinaryIO]:
+def atomic_local_file(path: str, suffix: str = "", fsync: bool = True) -> Iterator[BinaryIO]:
     """A binary file that appears at ``path`` complete (fsync, then ``os.replace``) when the block ends.
 
     It is written under a temporary name beside ``path``, with the mode ``open(path, "w")`` would give;
@@ -211,7 +211,8 @@ def atomic_local_file(path: str, suffix: str = "") -> Iterator[BinaryIO]:
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

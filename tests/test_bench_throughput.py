@@ -52,6 +52,8 @@ def test_throughput_bench_rows(tmp_path):
         ("pytorch-loop", 24),
         ("beam-pipeline", 24),
     ]
+    for r in embed:  # every run's wall time is kept; the row is the fastest
+        assert len(r["wall_s_runs"]) == 1 and r["wall_s_runs"][0] == r["wall_s"]
     for loop, pipeline in (embed[:2], embed[2:]):
         assert loop["ratio"] == 1.0
         # ratio = loop wall / pipeline wall, from the unrounded times; the rows hold both walls rounded to 1 ms and

@@ -144,6 +144,10 @@ def test_cuda_device_index_is_checked_against_the_devices(monkeypatch):
 )
 def test_device_failures_are_told_from_batch_failures(exc, device):
     assert is_device_failure(exc) is device
+    try:  # raised from inside another error: the cause decides
+        raise ValueError("while encoding the batch") from exc
+    except ValueError as wrapped:
+        assert is_device_failure(wrapped) is device
 
 
 def test_written_files_and_bundles_get_the_umask_mode(tmp_path, tiny_bundle):

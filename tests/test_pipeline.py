@@ -140,6 +140,15 @@ def test_cuda_without_gpu_fails_at_start(tmp_path, tiny_bundle):
     assert not os.path.exists(tmp_path / "out" / "CURRENT")
 
 
+def test_a_misspelt_device_is_refused_before_any_work_on_any_runner(tmp_path, tiny_bundle):
+    catalog, _ = write_catalog(str(tmp_path / "c"), 2, broken=False, duplicate=False)
+    for runner in ("--runner=DataflowRunner", "--runner=apache_beam.runners.portability.fn_api_runner.FnApiRunner"):
+        argv = [f"--catalog={catalog}", f"--output={tmp_path / 'out'}", f"--bundle={tiny_bundle[0]}", runner]
+        with pytest.raises(ValueError, match="unknown device 'gpu'"):
+            run([*argv, "--device=gpu"])
+    assert not os.path.exists(tmp_path / "out")
+
+
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
 def test_jsonl_and_parquet_catalogs_with_ivf_index(tmp_path, tiny_bundle, fmt):
     """The same catalog as JSONL or Parquet indexes the same items; an IVF factory trains inside the graph."""

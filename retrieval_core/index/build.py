@@ -170,12 +170,13 @@ def read_feature_block(path: str, dim: int, hash_bits: int) -> Block:
 
 
 def write_block(path: str, block: Block) -> None:
-    """Spill a block to one Arrow IPC file (local or URI), atomically: BuildIndex's shard parts."""
+    """Spill a block to one Arrow IPC file (local or URI), atomically: BuildIndex's shard parts. Scratch files
+    that no later run reads, so not fsynced."""
     table = block.to_table()
     sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
-    rio.write_bytes_atomic(path, sink.getvalue())
+    rio.write_bytes_atomic(path, sink.getvalue(), fsync=False)
 
 
 def read_block(path: str, dim: int, hash_bits: int) -> Block:
