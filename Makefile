@@ -8,7 +8,7 @@ ART    ?= artifacts
 RUNNER ?= apache_beam.runners.portability.fn_api_runner.FnApiRunner
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data data-if-possible index train-baseline bench bench-index bench-throughput bench-hamming bench-hashing bench-hashing-ablation bench-gsn bench-incremental test lint clean
+.PHONY: help setup data data-if-possible index train-baseline bench bench-index bench-throughput bench-hamming bench-hashing bench-hashing-ablation bench-gsn bench-incremental test test-gpu lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -73,6 +73,11 @@ bench-incremental: $(STAMP) $(BUNDLE)  ## wall time of a 1%-changed nightly run 
 
 test: $(STAMP)  ## run the test suite
 	$(PY) -m pytest -q tests
+
+test-gpu: $(STAMP)  ## on a machine with a GPU: the GPU tests against the CPU (refuses where torch or faiss sees no GPU)
+	$(PY) -c "import sys, torch, faiss; t, f = torch.cuda.is_available(), faiss.get_num_gpus(); \
+	  sys.exit(0 if t and f else f'no usable GPU: torch.cuda.is_available() is {t}, faiss.get_num_gpus() is {f}')"
+	$(PY) -m pytest -q -rs tests/test_gpu.py
 
 RUFF := $(VENV)/bin/ruff --config 'line-length = 120' --config 'target-version = "py311"'
 
