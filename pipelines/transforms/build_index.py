@@ -73,8 +73,9 @@ class _ReadBlocksFn(beam.DoFn):
             )
             parts = []
             for shard, part in block.split_by_shard(self.num_shards, shard_keys).items():
-                parts.append((shard, part_path(self.parts_dir, shard, path)))
-                write_block(parts[-1][1], part)
+                target = part_path(self.parts_dir, shard, path)
+                write_block(target, part)
+                parts.append((shard, target))
         self.rows.inc(len(block))
         yield beam.pvalue.TaggedOutput(SAMPLE_TAG, (len(block), *sample))
         yield from parts
@@ -122,7 +123,7 @@ class _TrainingSample(beam.CombineFn):
         return self._compact(acc, force=True)
 
     def extract_output(self, acc):
-        count, keys, vectors = self._compact(acc, force=True)
+        count, _, vectors = self._compact(acc, force=True)
         return count, vectors[0] if vectors else np.zeros((0, self.dim), np.float32)
 
 
