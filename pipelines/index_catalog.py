@@ -308,9 +308,10 @@ def run(argv: list[str] | None = None) -> dict:
     bundle = verify_bundle(config.bundle)  # a corrupt bundle is exit 2 now, not a crash on every worker
     check_factories(config, bundle)
     runner = options.view_as(StandardOptions).runner
-    parse_device(config.device)  # a misspelt --device: exit 2 now, whatever the runner
     if runner is None or runner in LOCAL_RUNNERS:
-        resolve_device(config.device)  # --device cuda with no GPU: fail now, before any work
+        resolve_device(config.device)  # a misspelt --device, or cuda with no GPU: fail now, before any work
+    else:
+        parse_device(config.device)  # the workers check for the GPU; a misspelt name is exit 2 here all the same
     with OutputLock(config.output, config.run_id):
         previous, previous_rows = previous_feature_files(config, bundle)
         current_generation = rio.object_generation(rio.join(config.output, CURRENT_FILE))
